@@ -1,0 +1,111 @@
+"""
+The training objectives: the sampled reverse-KL estimator of on-policy distillation, and the
+full-vocabulary GKD divergences it is compared with.
+
+1. OPD, paper Eq. 1. The student pi_theta minimises the sequence-level reverse KL
+       KL(pi_theta || pi_T) = E_{y ~ pi_theta} [ sum_t log pi_theta(y_t | y_<t) - log pi_T(y_t | y_<t) ].
+   The rollouts come from a sampler q (vLLM or the trainer's own decode loop) that is pi_theta up to
+   numerics, so the gradient is taken as a policy gradient with importance weights:
+       advantage  A_t = log pi_T(y_t) - log q(y_t)                   (detached: q and pi_T are data)
+       ratio      rho_t = exp(log pi_theta(y_t) - log q(y_t))        (carries the gradient)
+       loss       = -(1 / N_seq) * sum_sequences sum_t rho_t * A_t * m_t
+   At pi_theta = q, grad rho_t = grad log pi_theta(y_t), so grad loss = -E[sum_t grad log pi_theta(y_t) A_t].
+   With the discount gamma, A_t is replaced by sum_{k >= t} gamma^(k-t) A_k. gamma = 1 is the exact
+   gradient of the KL (score-function identity): a token's choice changes the log-ratios of every
+   later token, and the expected score times any function of the earlier tokens is zero, so the
+   future sum (and only it) is needed and is unbiased. gamma = 0 is the paper's setting: each
+   token is pushed by its own log-ratio only, a biased but much lower-variance per-token signal
+   (tests/test_loss.py measures the bias by exact enumeration).
+
+   Normalisation: summed over the tokens of a sequence (the paper sums over the sequence length:
+   Eq. 1 is a sequence-level KL, so a sequence's tokens are not averaged away) and divided by the
+   number of sequences in the *global* batch, passed in as `num_sequences`. Dividing by a global
+   count, not by the micro-batch's, makes the sum of micro-batch gradients and DDP's average over
+   ranks equal the gradient of one big batch, however the rollouts are split.
+
+2. GKD (paper §5.3; Agarwal et al. 2024): the generalized Jensen-Shannon divergence between the
+   full next-token distributions, with the TRL `generalized_jsd_loss` semantics:
+       M = beta * pi_T + (1 - beta) * pi_S,  JSD_beta = beta * KL(pi_T || M) + (1 - beta) * KL(pi_S || M),
+   beta = 0 is the forward KL(pi_T || pi_S), beta = 1 the reverse KL(pi_S || pi_T), both at
+   temperature tau on the logits.
+
+3. Logging statistics: the per-token reverse-KL estimate log q - log pi_T (its mean over tokens,
+   and its mean in bins of 256 positions, the paper's Figures 2 and 5).
+
+Departures from the paper:
+1. `ratio_cap` (off by default) truncates the importance weight at c: min(rho, c), whose gradient is
+   zero where rho > c. It bounds the update when sampler and trainer disagree a lot (bf16 kernels).
+2. The GKD divergences take per-token full logits; this is for the §5.3 comparison at modest lengths.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def discounted_sum(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B, T) -> (B, T) with out[:, t] = sum_{k >= t} gamma^(k-t) x[:, k]."""
+    if gamma == 0.0:
+        return x
+    out = torch.zeros_like(x)
+    running = torch.zeros_like(x[:, 0])
+    for t in reversed(range(x.shape[1])):
+        running = x[:, t] + gamma * running
+        out[:, t] = running
+    return out
+
+
+def opd_loss(student_logp, sampler_logp, teacher_logp, mask, num_sequences: int,
+             gamma: float = 0.0, ratio_cap: float | None = None):
+    """Importance-weighted reverse-KL policy-gradient loss (paper Eq. 1). Inputs (B, T); returns (loss, ratio)."""
+    if num_sequences < 1:
+        raise ValueError(f"num_sequences must be >= 1, got {num_sequences}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    # The advantage is data: q and pi_T are fixed distributions, nothing flows back through them.
+    advantage = (teacher_logp - sampler_logp).detach() * mask  # (B, T) per-token log pi_T / q
+    advantage = discounted_sum(advantage, gamma) * mask  # re-mask: discounting spills into padding
+    ratio = torch.exp(student_logp - sampler_logp.detach())  # (B, T) pi_theta / q, carries the grad
+    if ratio_cap is not None:
+        ratio = ratio.clamp(max=ratio_cap)  # truncated IS: zero gradient where rho > cap
+    loss = -(ratio * advantage * mask).sum() / num_sequences  # sum over tokens, mean over sequences
+    return loss, ratio.detach()
+
+
+def generalized_jsd(student_logits, teacher_logits, beta: float = 0.5, temperature: float = 1.0):
+    """Per-token generalized JSD over the vocabulary: (..., V) logits -> (...) divergences."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+
+    def kl(p_log, q_log):  # KL(p || q) over the last axis, from log-probs
+        return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+    if beta == 0.0:
+        return kl(teacher, student)  # forward KL(T || S)
+    if beta == 1.0:
+        return kl(student, teacher)  # reverse KL(S || T)
+    mixture = torch.logsumexp(torch.stack([student + torch.log(torch.tensor(1 - beta)),
+                                           teacher + torch.log(torch.tensor(beta))]), dim=0)
+    return beta * kl(teacher, mixture) + (1 - beta) * kl(student, mixture)
+
+
+def gkd_loss(student_logits, teacher_logits, mask, num_sequences: int, beta: float = 0.5,
+             temperature: float = 1.0):
+    """GKD divergence summed over the masked tokens, averaged over sequences (the OPD normalisation)."""
+    return (generalized_jsd(student_logits, teacher_logits, beta, temperature) * mask).sum() / num_sequences
+
+
+def reverse_kl_stats(sampler_logp, teacher_logp, mask, bin_size: int = 256):
+    """Mean per-token reverse-KL estimate log q - log pi_T overall and per bin of positions.
+
+    Returns (sum, count, bin_sums, bin_counts) as float tensors so ranks can all-reduce them before
+    dividing; bins are [0, 256), [256, 512), ... of the completion positions.
+    """
+    kl = (sampler_logp - teacher_logp) * mask  # (B, T)
+    T = kl.shape[1]
+    n_bins = (T + bin_size - 1) // bin_size
+    pad = n_bins * bin_size - T
+    kl_bins = F.pad(kl, (0, pad)).view(kl.shape[0], n_bins, bin_size).sum((0, 2))
+    count_bins = F.pad(mask, (0, pad)).view(mask.shape[0], n_bins, bin_size).sum((0, 2))
+    return kl.sum(), mask.sum(), kl_bins, count_bins

@@ -1,0 +1,178 @@
+"""
+Student rollouts that stop after L_train tokens.
+
+What it computes: for every prompt x, n responses y ~ q(. | x), where q is the student's next-token
+distribution at temperature tau and nucleus top-p (paper: tau = 1, p = 1), together with
+log q(y_t | x, y_<t) for every sampled token. Generation stops at EOS or after max_new_tokens =
+L_train tokens (paper §3: prefix OPD never generates past the trained prefix; that early stop is
+where the saving comes from, so this is a real stop, not generate-then-truncate).
+
+The sampler's log-probs are the denominator of the importance ratio pi_theta / q in loss.py. They
+are the log-probs of the distribution the token was actually drawn from (after temperature and
+top-p), which is what makes the ratio an importance weight.
+
+The prompt is the chat template's user turn and generation prompt, with `<think>` enforced at the
+end (paper §3, "Special Tokens"), so even a base student starts reasoning at once.
+
+Departures from the paper:
+1. Sampling is inverse-CDF with one uniform stream per (seed, prompt index, sample index), not one
+   generator per batch. The tokens of a rollout then depend only on the seed, the prompt's global
+   index and the model, never on which rank or batch the prompt landed in: a 2-process torchrun
+   job draws exactly the rollouts of a 1-process job with the same global batch.
+2. This file holds the transformers backend (a gpt-fast style prefill + decode loop over a KV
+   cache) and the vLLM backend (at the bottom); both return the same `Rollout`s.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # ends with EOS unless truncated
+    sampler_logp: list[float]  # log q(y_t | x, y_<t) for every completion token
+    truncated: bool  # stopped by max_new_tokens (= L_train), not by EOS
+    prompt_index: int  # global index of the prompt: the seed of its rollouts
+
+
+def build_prompt(tokenizer, problem: str, instruction: str | None = BOXED_INSTRUCTION) -> list[int]:
+    """Token ids of the chat prompt for `problem`, ending in `<think>` when the vocabulary has it."""
+    content = problem if instruction is None else f"{problem}\n\n{instruction}"
+    messages = [{"role": "user", "content": content}]
+    if tokenizer.chat_template is not None:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:  # base checkpoints without a template: the ChatML layout Qwen3 uses
+        text = f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+    if "<think>" in tokenizer.get_vocab() and not text.rstrip().endswith("<think>"):
+        text += "<think>\n"  # paper §3: the student must start by thinking, base model or not
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def rollout_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed that depends on the three numbers only (not on rank, batch or Python's hash)."""
+    digest = hashlib.sha256(f"{seed}/{prompt_index}/{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def check_sampling_args(prompts, n: int, max_new_tokens: int, temperature: float, top_p: float):
+    if len(prompts) == 0:
+        raise ValueError("no prompts to sample from: the prompt list is empty")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt has no tokens")
+    if n < 1:
+        raise ValueError(f"samples per prompt must be >= 1, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"L_train (max_new_tokens) must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (sampling, not greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log q over the vocabulary: temperature, then nucleus filtering, renormalised. (B, V) float32."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        mass_before = sorted_logp.exp().cumsum(dim=-1) - sorted_logp.exp()
+        drop = mass_before >= top_p  # keep the smallest set whose mass reaches top_p (always >= 1 token)
+        sorted_logp = sorted_logp.masked_fill(drop, float("-inf"))
+        logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_logp)
+        logp = torch.log_softmax(logp, dim=-1)
+    return logp
+
+
+@torch.inference_mode()
+def sample_hf(model, prompts: list[list[int]], n: int, max_new_tokens: int, *, eos_token_id,
+              pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+              prompt_indices: list[int] | None = None, batch_size: int = 64) -> list[Rollout]:
+    """n rollouts per prompt (prompt-major order), each stopped at EOS or after max_new_tokens."""
+    check_sampling_args(prompts, n, max_new_tokens, temperature, top_p)
+    prompt_indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]  # (prompt, sample) pairs
+    rollouts = []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        rows = [prompts[i] for i, _ in batch]
+        seeds = [rollout_seed(seed, prompt_indices[i], j) for i, j in batch]
+        tokens, logps, lengths = _decode(model, rows, seeds, max_new_tokens, eos_ids.to(model.device),
+                                         pad_token_id, temperature, top_p)
+        for b, (i, _) in enumerate(batch):
+            length = lengths[b]
+            completion = tokens[b, :length].tolist()
+            rollouts.append(Rollout(
+                prompt_ids=list(prompts[i]), completion_ids=completion,
+                sampler_logp=logps[b, :length].tolist(),
+                truncated=not (length > 0 and completion[-1] in eos_ids.tolist()),
+                prompt_index=prompt_indices[i]))
+    return rollouts
+
+
+def _decode(model, rows, seeds, max_new_tokens, eos_ids, pad_token_id, temperature, top_p):
+    """Prefill the left-padded prompts, then decode one token per step over the KV cache."""
+    device = model.device
+    B, P = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((B, P), pad_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((B, P), dtype=torch.long, device=device)
+    for b, r in enumerate(rows):  # left padding: every row's last prompt token sits at column P-1
+        input_ids[b, P - len(r):] = torch.tensor(r, device=device)
+        attention_mask[b, P - len(r):] = 1
+    # One uniform per (row, step), drawn from the row's own generator: batch-independent sampling.
+    uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s),
+                                       dtype=torch.float64) for s in seeds]).to(device)  # (B, L)
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions ignore the left pads
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, logits_to_keep=1)
+    cache, next_pos = out.past_key_values, position_ids[:, -1:] + 1
+    logits = out.logits[:, -1]
+    for t in range(max_new_tokens):
+        logq = sampling_logprobs(logits, temperature, top_p)  # (B, V)
+        cdf = logq.double().exp().cumsum(-1)
+        u = uniforms[:, t:t + 1] * cdf[:, -1:]  # scale by the total so rounding never overshoots
+        token = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+        tokens[:, t] = torch.where(done, pad_token_id, token)
+        logps[:, t] = torch.where(done, 0.0, logq.gather(-1, token[:, None]).squeeze(-1))
+        finished = ~done & torch.isin(token, eos_ids)
+        lengths = torch.where(finished, t + 1, lengths)
+        done |= finished
+        if t == max_new_tokens - 1 or bool(done.all()):  # CPU-GPU sync once per step, to stop early
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones((B, 1), dtype=torch.long, device=device)], 1)
+        out = model(input_ids=tokens[:, t:t + 1], attention_mask=attention_mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        cache, next_pos, logits = out.past_key_values, next_pos + 1, out.logits[:, -1]
+    return tokens.cpu(), logps.cpu(), lengths.tolist()
+
+
+class HFSampler:
+    """The trainer's own model samples: nothing to push, the weights are already current."""
+
+    def __init__(self, model, tokenizer, *, temperature=1.0, top_p=1.0, batch_size=64):
+        self.model, self.temperature, self.top_p, self.batch_size = model, temperature, top_p, batch_size
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def generate(self, prompts, n, max_new_tokens, seed, prompt_indices=None) -> list[Rollout]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sample_hf(self.model, prompts, n, max_new_tokens, eos_token_id=self.eos_token_id,
+                             pad_token_id=self.pad_token_id, temperature=self.temperature,
+                             top_p=self.top_p, seed=seed, prompt_indices=prompt_indices,
+                             batch_size=self.batch_size)
+        finally:
+            self.model.train(was_training)
+
+    def push_weights(self, model):
+        pass  # same module object as the trainer's

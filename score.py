@@ -1,0 +1,52 @@
+"""
+Per-token log-probs of a causal LM, without the full-vocabulary logits of the whole sequence.
+
+What it computes: logp[b, t] = log pi(x[b, t+1] | x[b, <=t]) for t = 0 .. T-2, shape (B, T-1).
+The teacher calls it under no_grad to score the student's sampled tokens (log pi_T in Eq. 1); the
+student calls it with grad (log pi_theta in the importance ratio of loss.py).
+
+Why chunks: the lm_head turns (positions, hidden) into (positions, vocab). For a 16k-token response
+and Qwen3's 151,936-token vocabulary that is ~5 GB of bf16 logits per sequence (paper footnote 2),
+and log-softmax in float32 doubles it. Here the decoder runs once, then the lm_head and the
+log-softmax run on `chunk_size` positions at a time, and only the (positions,) log-probs of the
+targets are kept. With grad, each chunk is wrapped in activation checkpointing, so its logits are
+freed after the forward and recomputed in the backward: peak memory holds one chunk of logits.
+
+Departures from a plain `model(input_ids).logits.log_softmax(-1)`:
+1. The result is float32 even when the model is bf16: the importance ratio exp(log pi_theta - log q)
+   and the advantage log pi_T - log q are differences of nearly equal numbers.
+2. log pi = logit - logsumexp(logits): the full log-softmax is never materialised.
+3. position_ids come from the attention mask, so left- and right-padded batches score the same.
+"""
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logp(hidden, targets, lm_head):
+    """(N, H) hidden states and (N,) targets -> (N,) log-probs, in float32."""
+    logits = lm_head(hidden).float()  # (N, V): the only full-vocabulary tensor, one chunk at a time
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(model, input_ids, attention_mask=None, chunk_size: int = 512) -> torch.Tensor:
+    """log pi(x_{t+1} | x_{<=t}) for every position: (B, T) ids -> (B, T-1) float32 log-probs."""
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be (B, T) with T >= 2, got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    B, T, H = hidden.shape
+    flat_hidden = hidden[:, :-1].reshape(-1, H)  # (B*(T-1), H): position t predicts token t+1
+    flat_targets = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
+    lm_head = model.get_output_embeddings()
+    chunks = []
+    for s in range(0, flat_hidden.shape[0], chunk_size):
+        h, y = flat_hidden[s:s + chunk_size], flat_targets[s:s + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:  # recompute this chunk's logits in backward
+            chunks.append(checkpoint(_chunk_logp, h, y, lm_head, use_reentrant=False))
+        else:
+            chunks.append(_chunk_logp(h, y, lm_head))
+    return torch.cat(chunks).view(B, T - 1)

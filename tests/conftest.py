@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny randomly initialised Qwen3 models and a tiny tokenizer built locally."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(2)
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def tiny_qwen3(vocab_size=64, hidden_size=64, layers=2, heads=2, kv_heads=1, head_dim=32, seed=0,
+               dtype=torch.float32):
+    """A random Qwen3ForCausalLM small enough to run in milliseconds on a CPU."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, max_position_embeddings=8192, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Qwen3ForCausalLM(config).to(dtype).eval()
+
+
+def tiny_tokenizer(with_think=True):
+    """Character-level fast tokenizer with ChatML special tokens and a Qwen-style chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"] + (["<think>", "</think>"] if with_think else [])
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   chat_template=template)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
