@@ -96,15 +96,16 @@ def gkd_loss(student_logits, teacher_logits, mask, num_sequences: int, beta: flo
     return (generalized_jsd(student_logits, teacher_logits, beta, temperature) * mask).sum() / num_sequences
 
 
-def reverse_kl_stats(sampler_logp, teacher_logp, mask, bin_size: int = 256):
+def reverse_kl_stats(sampler_logp, teacher_logp, mask, bin_size: int = 256, n_bins: int | None = None):
     """Mean per-token reverse-KL estimate log q - log pi_T overall and per bin of positions.
 
     Returns (sum, count, bin_sums, bin_counts) as float tensors so ranks can all-reduce them before
-    dividing; bins are [0, 256), [256, 512), ... of the completion positions.
+    dividing; bins are [0, 256), [256, 512), ... of the completion positions, n_bins of them
+    (default: enough for T; more gives empty bins, so batches of different T add up).
     """
     kl = (sampler_logp - teacher_logp) * mask  # (B, T)
     T = kl.shape[1]
-    n_bins = (T + bin_size - 1) // bin_size
+    n_bins = max(n_bins or 0, (T + bin_size - 1) // bin_size)
     pad = n_bins * bin_size - T
     kl_bins = F.pad(kl, (0, pad)).view(kl.shape[0], n_bins, bin_size).sum((0, 2))
     count_bins = F.pad(mask, (0, pad)).view(mask.shape[0], n_bins, bin_size).sum((0, 2))

@@ -174,8 +174,9 @@ class HFSampler:
         finally:
             self.model.train(was_training)
 
-    def push_weights(self, model):
-        pass  # same module object as the trainer's
+    def push_weights(self, state_dict):
+        """Load the trainer's new weights (only needed when this model is a separate copy, as under FSDP)."""
+        self.model.load_state_dict(state_dict)
 
 
 # --- vLLM backend ---
@@ -266,11 +267,11 @@ class VLLMSampler:
         return rollouts
 
     @torch.no_grad()
-    def push_weights(self, model):
-        """Copy the trainer's (unwrapped) model into the engine in memory; no checkpoint on disk."""
+    def push_weights(self, state_dict):
+        """Copy the trainer's full (unsharded) weights into the engine in memory; no checkpoint on disk."""
         # [(name, tensor)] in the checkpoint's naming. Keep lm_head.weight even when it is tied to
         # the embeddings: on CPU, leaving it out leaves the engine's lm_head stale (measured).
-        weights = list(model.state_dict().items())
+        weights = list(state_dict.items())
         if self.on_cpu:
             # vLLM's CPU backend repacks linear weights after loading (their `weight` becomes an
             # empty placeholder), so a plain load_weights cannot write into them. reload_weights

@@ -8,7 +8,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

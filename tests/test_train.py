@@ -1,0 +1,172 @@
+"""train.py end to end at tiny size: outputs, exact DDP, exact resume, and clear errors on bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_qwen3, tiny_tokenizer
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny student, a different tiny teacher (same vocabulary) and a JSONL of 40 problems."""
+    d = tmp_path_factory.mktemp("models")
+    tok = tiny_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):
+        m = tiny_qwen3(vocab_size=len(tok), seed=seed)
+        m.config.eos_token_id, m.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        m.save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    (d / "data.jsonl").write_text("".join(json.dumps({"problem": f"What is {i} + {2 * i}?"}) + "\n"
+                                          for i in range(40)))
+    return d
+
+
+def train_args(models, out, steps=2, **extra):
+    args = dict(student=models / "student", teacher=models / "teacher", dataset=models / "data.jsonl",
+                prefix=6, prefix_step=6, max_new_tokens=24, prompts_per_step=4, samples_per_prompt=2,
+                lr=3e-3, steps=steps, micro_batch_tokens=200, save_every=2, kl_bin=8, out=out) | extra
+    flags = []
+    for k, v in args.items():
+        flags += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return flags + ["--no-plots"]
+
+
+def run(flags, nproc=1, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] \
+        if nproc > 1 else [sys.executable]
+    out = subprocess.run(launcher + [str(ROOT / "train.py")] + flags, cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def params(run_dir, step):
+    return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors")
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_tiny_run_writes_metrics_checkpoints_summary_and_plots(models, tmp_path):
+    run(train_args(models, tmp_path / "run", steps=3))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["L_train"] for r in rows] == [6, 12, 18]  # the linear schedule
+    for r in rows:
+        assert r["rollouts"] == 8 and r["response_tokens"] <= 8 * r["L_train"]
+        assert abs(r["ratio_mean"] - 1) < 1e-4  # the trainer's own sampler: pi_theta = q up to rounding
+        assert len(r["reverse_kl_by_position"]) == (r["L_train"] + 7) // 8
+        assert r["total_flops"] > 0 and r["time_sample"] > 0
+    assert rows[2]["total_flops"] == pytest.approx(sum(r["flops"] for r in rows))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_000003" / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["L_train"] == 18
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["total_flops"] == pytest.approx(rows[-1]["total_flops"])
+    # The checkpoint is a Hugging Face model that transformers loads as it is.
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step_000003")
+    assert torch.equal(loaded.lm_head.weight, params(tmp_path / "run", 3)["lm_head.weight"])
+
+
+def test_ddp_on_two_processes_equals_one_process(models, tmp_path):
+    run(train_args(models, tmp_path / "one"))
+    run(train_args(models, tmp_path / "two"), nproc=2)
+    a, b = params(tmp_path / "one", 2), params(tmp_path / "two", 2)
+    start = load_file(models / "student" / "model.safetensors")
+    assert max_diff(a, start) > 1e-3  # training really moved the weights
+    assert max_diff(a, b) < 1e-5
+
+
+def test_resume_after_sigkill_is_exact_and_ignores_a_half_written_checkpoint(models, tmp_path):
+    run(train_args(models, tmp_path / "straight", steps=6))
+    flags = train_args(models, tmp_path / "killed", steps=6)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + flags, cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "step_000002" / "meta.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = tmp_path / "killed" / "checkpoints"
+    latest = sorted(p.name for p in ckpts.glob("step_*"))[-1]
+    assert latest in ("step_000002", "step_000004"), latest  # killed before the end
+    # What a kill in the middle of writing the next checkpoint leaves: a temporary dir, half written.
+    half = ckpts / ".tmp_step_000006"
+    shutil.copytree(ckpts / latest, half)
+    (half / "meta.json").unlink()
+    (half / "model.safetensors").write_bytes((half / "model.safetensors").read_bytes()[:100])
+    out = run(flags + ["--resume"])
+    assert f"resumed from {ckpts / latest}" in out.stdout
+    assert max_diff(params(tmp_path / "straight", 6), params(tmp_path / "killed", 6)) == 0.0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and sorted(set(steps)) == list(range(1, 7))
+
+
+def test_malformed_and_missing_datasets_name_the_file_and_line(models, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "fine"}\n{"problem": 3}\n')
+    out = run(train_args(models, tmp_path / "r", dataset=bad), check=False)
+    assert out.returncode != 0 and f"{bad} line 2" in out.stderr
+    bad.write_text('{"problem": "fine"}\n{not json\n')
+    out = run(train_args(models, tmp_path / "r", dataset=bad), check=False)
+    assert out.returncode != 0 and f"{bad} line 2 is not valid JSON" in out.stderr
+    out = run(train_args(models, tmp_path / "r", dataset=tmp_path / "absent.jsonl"), check=False)
+    assert out.returncode != 0 and "does not exist" in out.stderr
+
+
+def test_vocabulary_mismatch_fails_before_any_sampling(models, tmp_path):
+    other = tiny_tokenizer(with_think=False)
+    teacher = tmp_path / "teacher"
+    m = tiny_qwen3(vocab_size=len(other))
+    m.save_pretrained(teacher)
+    other.save_pretrained(teacher)
+    out = run(train_args(models, tmp_path / "r", teacher=teacher), check=False)
+    assert out.returncode != 0 and "different vocabularies" in out.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted(models, tmp_path):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"problem": "x" * (200 if i % 5 == 0 else 5)}) + "\n" for i in range(40)))
+    run(train_args(models, tmp_path / "r", dataset=data, max_context=200, steps=1))
+    row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["prompts_skipped"] == 8
+
+
+def test_non_finite_steps_are_skipped_then_abort_with_the_last_checkpoint_intact(models, tmp_path):
+    nan_teacher = tmp_path / "nan_teacher"
+    shutil.copytree(models / "teacher", nan_teacher)
+    weights = load_file(nan_teacher / "model.safetensors")
+    weights["lm_head.weight"][:] = float("nan")
+    from safetensors.torch import save_file
+    save_file(weights, nan_teacher / "model.safetensors", metadata={"format": "pt"})
+    out = run(train_args(models, tmp_path / "r", teacher=nan_teacher, steps=5, save_every=1, max_bad_steps=2),
+              check=False)
+    assert out.returncode != 0 and "2 steps in a row with a non-finite" in out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [True, True]
+    kept = params(tmp_path / "r", 1)  # the step-1 checkpoint: loadable and never touched by a NaN update
+    assert max_diff(kept, load_file(models / "student" / "model.safetensors")) == 0.0
+
+
+def test_fsdp2_on_two_processes_equals_ddp(models, tmp_path):
+    """FSDP2 (fully_shard) on CPU with gloo: the same parameters after 2 steps as DDP."""
+    run(train_args(models, tmp_path / "ddp"), nproc=2)
+    run(train_args(models, tmp_path / "fsdp", fsdp=True), nproc=2)
+    assert max_diff(params(tmp_path / "ddp", 2), params(tmp_path / "fsdp", 2)) < 1e-5

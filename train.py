@@ -1,0 +1,608 @@
+"""
+Prefix on-policy distillation: the training loop.
+
+One step (paper §3, Algorithm of prefix OPD):
+    L_train  = schedule(step)                                   schedule.py
+    y ~ q(. | x), stopped after L_train tokens                  sample.py  (the student samples)
+    log pi_T(y_t), log pi_theta(y_t) for every sampled token     score.py   (teacher, then student)
+    loss = -(1/N) sum_seq sum_t rho_t (log pi_T - log q)(y_t)   loss.py    (Eq. 1, policy gradient)
+    backward, clip, AdamW step, push weights to the sampler, log, checkpoint.
+
+Run:
+    python train.py                                    # the toy preset on a CPU (or 1.7B preset on a GPU)
+    torchrun --nproc_per_node=8 train.py --prefix 1024 # the paper's Qwen3-1.7B-Base <- Qwen3-8B setup
+
+Departures from the paper:
+1. The loss is averaged over the sequences of the global batch and summed over tokens (loss.py);
+   DDP and gradient accumulation reproduce exactly one big batch (tests/test_train.py).
+2. Rollouts are seeded per prompt, not per rank (sample.py), so the result does not depend on the
+   number of processes.
+3. A step with a non-finite gradient norm is skipped, not applied; many in a row abort the run with
+   the last checkpoint intact.
+4. The toy preset trains a ~1M-parameter student for a few dozen steps on a synthetic task (toy.py)
+   with a schedule scaled to its ~200-token responses.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from flops import opd_flops
+from loss import gkd_loss, opd_loss, reverse_kl_stats
+from sample import HFSampler, build_prompt
+from schedule import check_window, prefix_length, token_mask
+from score import token_logprobs
+
+# ----------------------------------------------------------------------------- presets
+# The single source of every preset-dependent default: a flag left unset takes its preset's value.
+PRESETS = {
+    "toy": dict(student="toy/student", teacher="toy/teacher", dataset="toy", prefix=24, prefix_step=24,
+                max_new_tokens=320, prompts_per_step=32, samples_per_prompt=2, lr=1e-3, steps=30,
+                micro_batch_tokens=16384, eval_problems=256, kl_bin=32),
+    "qwen3-1.7b": dict(student="Qwen/Qwen3-1.7B-Base", teacher="Qwen/Qwen3-8B",
+                       dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_step=0,
+                       max_new_tokens=16384, prompts_per_step=512, samples_per_prompt=4, lr=5e-5, steps=60,
+                       micro_batch_tokens=32768, eval_problems=0, kl_bin=256),
+    "qwen3-8b": dict(student="Qwen/Qwen3-8B-Base", teacher="Qwen/Qwen3-8B",
+                     dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_step=0,
+                     max_new_tokens=16384, prompts_per_step=512, samples_per_prompt=4, lr=5e-5, steps=60,
+                     micro_batch_tokens=16384, eval_problems=0, kl_bin=256),
+}
+
+parser = argparse.ArgumentParser(description="Prefix on-policy distillation (arXiv 2602.15260)")
+parser.add_argument("--preset", choices=PRESETS, default=None, help="toy on CPU, qwen3-1.7b on CUDA, unless given")
+g = parser.add_argument_group("models")
+g.add_argument("--student", help="student: hub name or local dir (trained, samples the rollouts)")
+g.add_argument("--teacher", help="teacher: hub name or local dir (fixed, scores the rollouts); same vocabulary")
+g = parser.add_argument_group("data")
+g.add_argument("--dataset", help="'toy', a Hugging Face dataset name, or a local JSONL with a 'problem' field")
+g.add_argument("--max-context", type=int, default=None, help="tokens of prompt + response a model may see "
+               "(default: the student's max_position_embeddings); longer prompts are skipped and counted")
+g = parser.add_argument_group("prefix")
+g.add_argument("--prefix", type=int, help="L_train at step 0, in tokens; 0 = full OPD up to --max-new-tokens")
+g.add_argument("--prefix-step", type=int, help="delta_L: tokens added to L_train after every step (0 = fixed)")
+g.add_argument("--max-new-tokens", type=int, help="L_max: the cap on L_train and on full OPD (paper: 16384)")
+g.add_argument("--window", type=int, nargs=2, metavar=("A", "B"), default=None,
+               help="train only on response tokens A <= t < B (paper Table 3 ablation)")
+g.add_argument("--last-n", type=int, default=None, help="train only on each rollout's last N tokens (Table 3)")
+g = parser.add_argument_group("objective")
+g.add_argument("--loss", choices=["opd", "gkd", "sft"], default="opd",
+               help="opd: sampled reverse KL (Eq. 1); gkd: full-vocabulary generalized JSD; sft: SeqKD NLL")
+g.add_argument("--rollouts-from", choices=["student", "teacher"], default="student",
+               help="who samples: student = on-policy; teacher = off-policy (SeqKD, off-policy GKD)")
+g.add_argument("--beta", type=float, default=0.5, help="GKD beta: 0 forward KL(T||S), 1 reverse KL(S||T)")
+g.add_argument("--gamma", type=float, default=0.0, help="discount over future per-token advantages (paper: 0)")
+g.add_argument("--ratio-cap", type=float, default=None, help="truncate importance ratios at this value (off)")
+g = parser.add_argument_group("optimisation")
+g.add_argument("--prompts-per-step", type=int, help="prompts per optimizer step, global (paper: 512)")
+g.add_argument("--samples-per-prompt", type=int, help="rollouts per prompt (paper: 4)")
+g.add_argument("--lr", type=float, help="AdamW learning rate, constant (paper: 5e-5)")
+g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+g.add_argument("--steps", type=int, help="optimizer steps (paper: 60)")
+g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+g.add_argument("--micro-batch-tokens", type=int, help="padded tokens per forward/backward micro-batch")
+g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+g.add_argument("--top-p", type=float, default=1.0, help="sampling nucleus (paper: 1.0)")
+g.add_argument("--seed", type=int, default=0, help="seeds data order and every rollout")
+g.add_argument("--max-bad-steps", type=int, default=3, help="abort after this many non-finite steps in a row")
+g = parser.add_argument_group("run")
+g.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+g.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
+g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+g.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 (bf16 compute, activation "
+               "checkpointing) instead of DDP: for students whose AdamW state does not fit one GPU")
+g.add_argument("--sampler", choices=["hf", "vllm"], default="hf", help="rollout engine")
+g.add_argument("--vllm-kv-cache-gb", type=float, default=None, help="vLLM KV-cache budget per rank, GiB")
+g.add_argument("--eval-problems", type=int, help="toy only: held-out problems graded before and after")
+g.add_argument("--kl-bin", type=int, help="tokens per position bin of the logged reverse KL (paper figures: 256)")
+g.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
+g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in --out")
+g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+args = parser.parse_args()
+
+
+# ----------------------------------------------------------------------------- distributed setup
+ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+if ddp:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+is_main = rank == 0
+
+
+def print0(*a, **kw):
+    if is_main:
+        print(*a, **kw, flush=True)
+
+
+if args.preset is None:
+    args.preset = "qwen3-1.7b" if torch.cuda.is_available() else "toy"
+    print0(f"preset: {args.preset} ({'CUDA is available' if torch.cuda.is_available() else 'no GPU found'})")
+for key, value in PRESETS[args.preset].items():
+    if getattr(args, key) is None:
+        setattr(args, key, value)
+if args.preset == "toy" and args.student == "toy/student":
+    import toy
+    args.student, args.teacher = map(str, toy.ensure_built())
+args.out = Path(args.out or f"runs/{args.preset}")
+L_0 = args.prefix if args.prefix > 0 else args.max_new_tokens  # --prefix 0: full OPD
+check_window(tuple(args.window) if args.window else None, args.last_n)
+if L_0 < 1 or args.max_new_tokens < 1:
+    raise SystemExit(f"error: L_train must be >= 1 token (got --prefix {args.prefix}, --max-new-tokens "
+                     f"{args.max_new_tokens})")
+if args.prompts_per_step % world_size:
+    raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide evenly over {world_size} ranks")
+if args.loss == "opd" and args.rollouts_from == "teacher":
+    raise SystemExit("error: the OPD estimator needs the student's own rollouts; use --loss gkd or sft off-policy")
+torch.manual_seed(args.seed + rank)
+random.seed(args.seed)
+np.random.seed(args.seed)
+if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the cores
+
+
+# ----------------------------------------------------------------------------- models
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402  (after the distributed setup)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()  # one progress bar: ours
+
+tokenizer = AutoTokenizer.from_pretrained(args.student)
+teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():  # before any sampling: paper §8
+    raise SystemExit(f"error: student {args.student} and teacher {args.teacher} have different vocabularies "
+                     f"({len(tokenizer)} vs {len(teacher_tokenizer)} tokens); OPD scores the student's tokens "
+                     "with the teacher and needs one shared vocabulary")
+half = torch.bfloat16 if device.type == "cuda" else torch.float32
+student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).to(device)  # fp32 master weights
+teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=half).to(device).eval().requires_grad_(False)
+if student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
+    raise SystemExit("error: student and teacher output layers have different vocabulary sizes "
+                     f"({student.config.vocab_size} vs {teacher.config.vocab_size})")
+student.config.use_cache = False
+max_context = args.max_context or student.config.max_position_embeddings
+
+
+# ----------------------------------------------------------------------------- checkpoints
+ckpt_dir = args.out / "checkpoints"
+
+
+def latest_checkpoint() -> Path | None:
+    """The newest complete checkpoint: directories appear only by an atomic rename once complete."""
+    done = sorted(p for p in ckpt_dir.glob("step_*") if (p / "meta.json").exists()) if ckpt_dir.exists() else []
+    return done[-1] if done else None
+
+
+resume_from = latest_checkpoint() if args.resume else None
+if resume_from is not None:  # weights go in before any wrapping or sharding
+    from safetensors.torch import load_file
+    missing, unexpected = student.load_state_dict(load_file(resume_from / "model.safetensors"), strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):  # lm_head is absent when tied
+        raise SystemExit(f"error: checkpoint {resume_from} does not match the student ({missing + unexpected})")
+
+
+class LogProbs(torch.nn.Module):
+    """What DDP or FSDP wraps: its forward is the student's per-token log-probs, so the wrapper's
+    hooks (gradient all-reduce, parameter all-gather) see every parameter."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, full_logits=False):
+        if full_logits:  # GKD needs the whole next-token distribution
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
+        return token_logprobs(self.lm, input_ids, attention_mask)
+
+
+model = LogProbs(student)
+raw_student = student  # the unwrapped HF model: for sampling, weight pushes and save_pretrained
+if args.fsdp:  # FSDP2: each decoder layer is a shard unit, the root holds embeddings, norm and lm_head
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world_size,))
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()  # bf16 compute, fp32 master weights and reductions
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in student.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mixed)
+    fully_shard(model, mesh=mesh, mp_policy=mixed)
+elif ddp:
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def full_state_dict() -> dict:
+    """The student's unsharded weights (on every rank under FSDP: a collective call)."""
+    if args.fsdp:
+        return get_model_state_dict(raw_student, options=StateDictOptions(full_state_dict=True))
+    return raw_student.state_dict()
+
+
+def optimizer_state() -> dict:
+    """AdamW state as one full dict (gathered from the shards under FSDP: a collective call)."""
+    if args.fsdp:
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def save_checkpoint(step: int, meta: dict):
+    """Write into a temporary directory, then rename: a crash never leaves a half-written step_* dir."""
+    weights, optim = full_state_dict(), optimizer_state()  # collectives: every rank takes part
+    if not is_main:
+        return
+    final, tmp = ckpt_dir / f"step_{step:06d}", ckpt_dir / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    raw_student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optim, "torch_rng": torch.get_rng_state(), "step": step}, tmp / "trainer_state.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the dir complete
+    if final.exists():  # re-saving a step after a resume: swap, never delete the good one first
+        old = ckpt_dir / f".old_step_{step:06d}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+start_step, total_flops, wall_before = 0, 0.0, 0.0
+if resume_from is not None:
+    trainer_state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
+    if args.fsdp:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=trainer_state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    meta = json.loads((resume_from / "meta.json").read_text())
+    start_step, total_flops, wall_before = meta["step"], meta["total_flops"], meta["wall_seconds"]
+    print0(f"resumed from {resume_from} at step {start_step}")
+
+# The sampler: with DDP and the transformers backend, the trainer's own module. Under FSDP the
+# parameters are sharded and rank-local decode loops (each rank stops at its own EOS) cannot
+# all-gather in step, so a full copy samples; vLLM holds its own copy. Copies receive the
+# student's full weights after every optimizer step.
+student_copy = AutoModelForCausalLM.from_pretrained(args.student, dtype=half).to(device).eval() if args.fsdp else None
+eval_student = student_copy if args.fsdp else raw_student  # the toy evaluation runs on rank 0 alone
+if args.rollouts_from == "teacher":
+    sampler = HFSampler(teacher, tokenizer, temperature=args.temperature, top_p=args.top_p)
+elif args.sampler == "vllm":
+    from sample import VLLMSampler
+    sampler = VLLMSampler(args.student, seed=args.seed + rank, temperature=args.temperature, top_p=args.top_p,
+                          kv_cache_gb=args.vllm_kv_cache_gb, dtype="bfloat16" if device.type == "cuda" else "float32",
+                          max_model_len=max_context)
+else:
+    sampler = HFSampler(eval_student, tokenizer, temperature=args.temperature, top_p=args.top_p)
+needs_push = args.fsdp or (args.sampler == "vllm" and args.rollouts_from == "student")
+
+
+def push_weights():
+    """Send the student's new weights to the copies that sample or evaluate (a collective under FSDP)."""
+    weights = full_state_dict()
+    if student_copy is not None:
+        student_copy.load_state_dict(weights)
+    if args.sampler == "vllm" and args.rollouts_from == "student":
+        sampler.push_weights(weights)
+
+
+if needs_push and resume_from is not None:
+    push_weights()
+
+
+# ----------------------------------------------------------------------------- data
+def load_problems(name: str) -> list[str]:
+    """Problem texts from 'toy', a local JSONL ('problem' field) or a Hugging Face dataset."""
+    if name == "toy":
+        import toy
+        return [p["problem"] for p in toy.make_problems(20000, seed=args.seed, split="train")]
+    path = Path(name)
+    if path.suffix in (".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise SystemExit(f"error: dataset file {path} does not exist")
+        problems = []
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path} line {line_no} is not valid JSON ({e.msg})")
+            if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not row["problem"].strip():
+                raise SystemExit(f"error: {path} line {line_no} has no non-empty string field 'problem'")
+            problems.append(row["problem"])
+        if not problems:
+            raise SystemExit(f"error: {path} holds no problems")
+        return problems
+    from datasets import load_dataset
+    rows = load_dataset(name, split="train")
+    if "problem" in rows.column_names:
+        return list(rows["problem"])
+    if "conversations" in rows.column_names:  # OpenThoughts3: the question is the first human turn
+        return [c[0]["value"] for c in rows["conversations"]]
+    raise SystemExit(f"error: dataset {name} has neither a 'problem' nor a 'conversations' column")
+
+
+problems = load_problems(args.dataset)
+prompts = [build_prompt(tokenizer, p) for p in problems]
+fits = [len(p) + args.max_new_tokens <= max_context for p in prompts]
+prompts_skipped = fits.count(False)  # longer than the context: never sampled, counted in the log
+prompts = [p for p, ok in zip(prompts, fits) if ok]
+if len(prompts) < args.prompts_per_step:
+    raise SystemExit(f"error: {len(prompts)} usable prompts, fewer than --prompts-per-step {args.prompts_per_step}")
+
+
+def step_prompts(step: int) -> list[int]:
+    """Global prompt indices of a step: epochs of a seeded permutation, the same on every rank."""
+    per_epoch = len(prompts) // args.prompts_per_step
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([args.seed, epoch]).permutation(len(prompts))
+    return order[k * args.prompts_per_step:(k + 1) * args.prompts_per_step].tolist()
+
+
+# ----------------------------------------------------------------------------- derived values
+rollouts_per_step = args.prompts_per_step * args.samples_per_prompt
+mean_prompt = sum(map(len, prompts)) / len(prompts)
+L_now = prefix_length(start_step, L_0, args.prefix_step, args.max_new_tokens)
+flops_now = opd_flops(student.config, teacher.config, [round(mean_prompt) + L_now] * rollouts_per_step)
+print0(f"student {args.student} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params), "
+       f"teacher {args.teacher}, {world_size} process(es) on {device.type}")
+print0(f"prompts: {len(prompts)} usable, {prompts_skipped} skipped as longer than the context ({max_context})")
+print0(f"per step: {args.prompts_per_step} prompts x {args.samples_per_prompt} = {rollouts_per_step} rollouts, "
+       f"<= {rollouts_per_step * L_now} response tokens at L_train={L_now} "
+       f"(schedule: {L_0} + {args.prefix_step}/step, cap {args.max_new_tokens}); "
+       f"<= {flops_now:.3g} FLOP at that L (App. B)")
+
+
+# ----------------------------------------------------------------------------- helpers of the loop
+def pad_rollouts(rollouts):
+    """Right-padded prompt+completion ids, and where each completion starts."""
+    T = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    ids = torch.full((len(rollouts), T), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rollouts), T), dtype=torch.long)
+    for b, r in enumerate(rollouts):
+        row = r.prompt_ids + r.completion_ids
+        ids[b, :len(row)], attn[b, :len(row)] = torch.tensor(row), 1
+    starts = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    lengths = torch.tensor([len(r.completion_ids) for r in rollouts])
+    return ids.to(device), attn.to(device), starts.to(device), lengths.to(device)
+
+
+def completion_part(per_position, starts, C):
+    """(B, T-1, ...) per-position values -> (B, C, ...) values at the completion tokens."""
+    index = (starts[:, None] - 1 + torch.arange(C, device=starts.device)[None, :])  # position predicting token
+    index = index.clamp(max=per_position.shape[1] - 1)
+    if per_position.dim() == 3:
+        return per_position.gather(1, index[..., None].expand(-1, -1, per_position.shape[-1]))
+    return per_position.gather(1, index)
+
+
+def micro_batches(rollouts, budget):
+    """Consecutive groups whose padded size (rows x longest row) stays within the token budget."""
+    group, longest = [], 0
+    for r in rollouts:
+        n = len(r.prompt_ids) + len(r.completion_ids)
+        if group and (len(group) + 1) * max(longest, n) > budget:
+            yield group
+            group, longest = [], 0
+        group.append(r)
+        longest = max(longest, n)
+    if group:
+        yield group
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if ddp:
+        dist.all_reduce(t)
+    return t
+
+
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+log_path = args.out / "metrics.jsonl"
+if is_main:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                   for k, v in vars(args).items()}, indent=1))
+    if not args.resume and log_path.exists():
+        log_path.unlink()
+writers = []
+if is_main and args.tensorboard:
+    from torch.utils.tensorboard import SummaryWriter
+    tb = SummaryWriter(args.out / "tb")
+    writers.append(lambda m, s: [tb.add_scalar(k, v, s) for k, v in m.items() if isinstance(v, (int, float))])
+if is_main and args.wandb:
+    import wandb
+    wandb.init(project="prefix-opd", config=vars(args), dir=str(args.out))
+    writers.append(lambda m, s: wandb.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=s))
+
+# Toy only: accuracy before training, on held-out problems (sampled at temperature 1, one per problem).
+eval_set, acc = [], {}
+if args.dataset == "toy" and args.eval_problems and not args.resume:
+    import eval as evaluation
+    import toy
+    eval_set = toy.make_problems(args.eval_problems, seed=args.seed, split="test")
+    if is_main:
+        for name, lm in (("teacher", teacher), ("student_before", eval_student)):
+            acc[name] = evaluation.evaluate(lm, tokenizer, eval_set, 1, toy.MAX_NEW_TOKENS, args.seed,
+                                            desc=f"eval {name}")["acc"]
+        print0(f"toy accuracy before training: teacher {acc['teacher']:.3f}, student {acc['student_before']:.3f}")
+
+
+# ----------------------------------------------------------------------------- the loop
+t_start = time.time()
+bad_steps = 0
+bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not is_main,
+           desc="prefix OPD", dynamic_ncols=True)
+for step in bar:
+    # 1. schedule: how many tokens this step samples and trains
+    L_train = prefix_length(step, L_0, args.prefix_step, args.max_new_tokens)
+
+    # 2. sample: this rank's share of the step's prompts, stopped at L_train
+    t0 = time.time()
+    indices = step_prompts(step)[rank::world_size]
+    global_ids = [step * args.prompts_per_step + i for i in range(rank, args.prompts_per_step, world_size)]
+    rollouts = sampler.generate([prompts[i] for i in indices], args.samples_per_prompt, L_train,
+                                args.seed, prompt_indices=global_ids)  # seeded per (step, prompt, sample)
+    num_sequences = len(rollouts)  # same on every rank; DDP's mean over ranks makes it the global mean
+    t_sample = time.time() - t0
+
+    # 3. score: the teacher's log-prob (or logits, for GKD) of every sampled token
+    t0 = time.time()
+    batches = []
+    with torch.no_grad():
+        for group in micro_batches(rollouts, args.micro_batch_tokens):
+            ids, attn, starts, lengths = pad_rollouts(group)
+            C = int(lengths.max())
+            mask = token_mask(lengths, C, tuple(args.window) if args.window else None, args.last_n)
+            sampler_logp = torch.zeros(len(group), C, device=device)
+            for b, r in enumerate(group):
+                sampler_logp[b, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp)
+            with autocast:
+                if args.loss == "gkd":
+                    logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
+                    teacher_part = completion_part(logits, starts, C)
+                    teacher_logp = completion_part(torch.log_softmax(logits.float(), -1).gather(
+                        -1, ids[:, 1:, None]).squeeze(-1), starts, C)
+                else:
+                    teacher_logp = teacher_part = completion_part(token_logprobs(teacher, ids, attn), starts, C)
+            batches.append((ids, attn, starts, C, mask, sampler_logp, teacher_part, teacher_logp.float()))
+    t_score = time.time() - t0
+
+    # 4. loss and update: micro-batches accumulate gradients; DDP syncs only on the last one
+    t0 = time.time()
+    loss_sum, kl_sum, tokens, ratio_sum, above_cap = (torch.zeros((), device=device) for _ in range(5))
+    ratio_max = torch.zeros((), device=device)
+    n_bins = (L_train + args.kl_bin - 1) // args.kl_bin
+    bin_sums, bin_counts = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
+    model.train()
+    for i, (ids, attn, starts, C, mask, sampler_logp, teacher_part, teacher_logp) in enumerate(batches):
+        last = i == len(batches) - 1
+        if args.fsdp:
+            model.set_requires_gradient_sync(last)  # FSDP's no_sync: reduce-scatter once, on the last
+        sync = model.no_sync() if ddp and not args.fsdp and not last else contextlib.nullcontext()
+        with sync, autocast:
+            if args.loss == "opd":
+                student_logp = completion_part(model(ids, attn), starts, C)
+                loss, ratio = opd_loss(student_logp, sampler_logp, teacher_logp, mask, num_sequences,
+                                       gamma=args.gamma, ratio_cap=args.ratio_cap)
+            elif args.loss == "gkd":
+                student_logits = completion_part(model(ids, attn, full_logits=True), starts, C)
+                loss = gkd_loss(student_logits, teacher_part, mask, num_sequences, beta=args.beta)
+                ratio = torch.ones_like(mask)
+            else:  # sft on the sampled tokens (SeqKD when the teacher samples)
+                student_logp = completion_part(model(ids, attn), starts, C)
+                loss, ratio = -(student_logp * mask).sum() / num_sequences, torch.ones_like(mask)
+            loss.backward()
+        kl, n_tokens, kl_bins, count_bins = reverse_kl_stats(sampler_logp, teacher_logp, mask, args.kl_bin, n_bins)
+        loss_sum += loss.detach() * num_sequences
+        kl_sum, tokens = kl_sum + kl, tokens + n_tokens
+        bin_sums, bin_counts = bin_sums + kl_bins[:n_bins], bin_counts + count_bins[:n_bins]
+        ratio_sum += (ratio * mask).sum()
+        ratio_max = torch.maximum(ratio_max, (ratio * mask).max())
+        if args.ratio_cap is not None:
+            above_cap += ((ratio >= args.ratio_cap) * mask).sum()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)  # grads already all-reduced
+    if args.fsdp:
+        grad_norm = grad_norm.full_tensor()  # a DTensor under FSDP: the norm over all shards
+    finite = bool(torch.isfinite(grad_norm))  # identical on every rank after the all-reduce: one decision
+    if finite:
+        optimizer.step()
+        bad_steps = 0
+    else:
+        bad_steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    if needs_push:
+        push_weights()  # on-policy: the next rollouts come from the updated student
+    t_update = time.time() - t0
+
+    # 5. log: sums over ranks, then one line on rank 0 and one JSON line in metrics.jsonl
+    counts = torch.tensor([len(rollouts), sum(r.truncated for r in rollouts)], device=device, dtype=torch.float32)
+    stats = all_sum(torch.stack([loss_sum, kl_sum, tokens, ratio_sum, above_cap]))
+    counts, bin_sums, bin_counts = all_sum(counts), all_sum(bin_sums), all_sum(bin_counts)
+    if ddp:
+        dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
+    seqlens = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+    step_flops = float(all_sum(torch.tensor(float(opd_flops(student.config, teacher.config, seqlens)),
+                                            dtype=torch.float64, device=device)))
+    total_flops += step_flops
+    loss_sum, kl_sum, tokens, ratio_sum, above_cap = stats.tolist()
+    n_rollouts, n_truncated = counts.tolist()
+    metrics = {
+        "step": step + 1, "L_train": L_train, "loss": loss_sum / n_rollouts,
+        "reverse_kl": kl_sum / max(tokens, 1), "grad_norm": float(grad_norm), "skipped": not finite,
+        "rollouts": int(n_rollouts), "truncated": int(n_truncated), "response_tokens": int(tokens),
+        "mean_response_tokens": tokens / n_rollouts,
+        "ratio_mean": ratio_sum / max(tokens, 1), "ratio_max": ratio_max.item(),
+        "ratio_above_cap": above_cap / max(tokens, 1) if args.ratio_cap else None,
+        "kl_bin": args.kl_bin, "reverse_kl_by_position": [round((s / c).item(), 5) if c > 0 else None for s, c in zip(bin_sums, bin_counts)],
+        "prompts_skipped": prompts_skipped, "flops": step_flops, "total_flops": total_flops,
+        "time_sample": t_sample, "time_score": t_score, "time_update": t_update,
+        "wall_seconds": wall_before + time.time() - t_start,
+    }
+    if is_main:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for write in writers:
+            write(metrics, step + 1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", kl=f"{metrics['reverse_kl']:.3f}", L=L_train,
+                        tok=int(tokens), flop=f"{total_flops:.2e}")
+        if not finite:
+            tqdm.write(f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}), update skipped")
+    if bad_steps >= args.max_bad_steps:
+        raise SystemExit(f"error: {bad_steps} steps in a row with a non-finite loss or gradient; the last "
+                         f"checkpoint ({latest_checkpoint()}) is intact")
+
+    # 6. checkpoint
+    if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        save_checkpoint(step + 1, {"step": step + 1, "L_train": L_train, "total_flops": total_flops,
+                                   "wall_seconds": metrics["wall_seconds"]})
+        if ddp:
+            dist.barrier()
+bar.close()
+
+
+# ----------------------------------------------------------------------------- the end: evaluation, plots
+wall_seconds = wall_before + time.time() - t_start
+if is_main:
+    summary = {"preset": args.preset, "steps": args.steps, "total_flops": total_flops,
+               "wall_seconds": wall_seconds, "world_size": world_size}
+    if eval_set:
+        import eval as evaluation
+        acc["student_after"] = evaluation.evaluate(eval_student, tokenizer, eval_set, 1, toy.MAX_NEW_TOKENS,
+                                                   args.seed, desc="eval student_after")["acc"]
+        summary |= {"teacher_acc": acc["teacher"], "student_acc_before": acc["student_before"],
+                    "student_acc_after": acc["student_after"], "eval_problems": len(eval_set)}
+        print0(f"\n| toy, {len(eval_set)} held-out problems, 1 sample at T=1 | accuracy |\n|---|---|")
+        for name in ("teacher", "student_before", "student_after"):
+            print0(f"| {name.replace('_', ' ')} | {acc[name]:.3f} |")
+    summary["wall_seconds_with_eval"] = wall_before + time.time() - t_start
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not args.no_plots:
+        import plots
+        plots.training_plots(log_path, args.out)
+    print0(f"done: {args.steps} steps, {total_flops:.3e} FLOP, {wall_seconds:.0f}s; see {args.out}")
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
