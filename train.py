@@ -481,10 +481,9 @@ for step in bar:
                 sampler_logp[b, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp)
             with autocast:
                 if args.loss == "gkd":
-                    logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
-                    teacher_part = completion_part(logits, starts, C)
-                    teacher_logp = completion_part(torch.log_softmax(logits.float(), -1).gather(
-                        -1, ids[:, 1:, None]).squeeze(-1), starts, C)
+                    teacher_part = completion_part(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1], starts, C)
+                    targets = completion_part(ids[:, 1:], starts, C)  # (B, C) the sampled tokens
+                    teacher_logp = torch.log_softmax(teacher_part.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
                 else:
                     teacher_logp = teacher_part = completion_part(token_logprobs(teacher, ids, attn), starts, C)
             batches.append((ids, attn, starts, C, mask, sampler_logp, teacher_part, teacher_logp.float()))
@@ -510,12 +509,15 @@ for step in bar:
             elif args.loss == "gkd":
                 student_logits = completion_part(model(ids, attn, full_logits=True), starts, C)
                 loss = gkd_loss(student_logits, teacher_part, mask, num_sequences, beta=args.beta)
+                targets = completion_part(ids[:, 1:], starts, C)  # (B, C) the sampled tokens
+                student_logp = torch.log_softmax(student_logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
                 ratio = torch.ones_like(mask)
             else:  # sft on the sampled tokens (SeqKD when the teacher samples)
                 student_logp = completion_part(model(ids, attn), starts, C)
                 loss, ratio = -(student_logp * mask).sum() / num_sequences, torch.ones_like(mask)
             loss.backward()
-        kl, n_tokens, kl_bins, count_bins = reverse_kl_stats(sampler_logp, teacher_logp, mask, args.kl_bin, n_bins)
+        # log pi_theta - log pi_T on the sampled tokens: the reverse KL on the student's own rollouts
+        kl, n_tokens, kl_bins, count_bins = reverse_kl_stats(student_logp.detach(), teacher_logp, mask, args.kl_bin, n_bins)
         loss_sum += loss.detach() * num_sequences
         kl_sum, tokens = kl_sum + kl, tokens + n_tokens
         bin_sums, bin_counts = bin_sums + kl_bins[:n_bins], bin_counts + count_bins[:n_bins]

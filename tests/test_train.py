@@ -170,3 +170,18 @@ def test_fsdp2_on_two_processes_equals_ddp(models, tmp_path):
     run(train_args(models, tmp_path / "ddp"), nproc=2)
     run(train_args(models, tmp_path / "fsdp", fsdp=True), nproc=2)
     assert max_diff(params(tmp_path / "ddp", 2), params(tmp_path / "fsdp", 2)) < 1e-5
+
+
+@pytest.mark.parametrize("extra, check", [
+    (dict(window="2 5"), lambda r: r["response_tokens"] <= 3 * r["rollouts"]),  # Table 3 window [2, 5)
+    (dict(last_n=2, gamma=0.9, ratio_cap=2.0), lambda r: r["response_tokens"] <= 2 * r["rollouts"]),
+    (dict(loss="gkd", beta=0.5), lambda r: r["loss"] > 0),  # a divergence: positive
+    (dict(loss="sft", rollouts_from="teacher"), lambda r: r["loss"] > 0),  # SeqKD: NLL of teacher samples
+])
+def test_objective_variants_run(models, tmp_path, extra, check):
+    flags = train_args(models, tmp_path / "r", **{k: v for k, v in extra.items() if k != "window"})
+    if "window" in extra:
+        flags += ["--window"] + extra["window"].split()
+    run(flags)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(check(r) and not r["skipped"] for r in rows)
