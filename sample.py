@@ -266,6 +266,23 @@ class VLLMSampler:
                 truncated=completion.finish_reason == "length", prompt_index=prompt_indices[i]))
         return rollouts
 
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log pi(x_{t+1} | x_{<=t}) of each sequence's tokens under the engine's weights: what
+        score.token_logprobs returns, (T-1,) per sequence. A check that a weight push landed."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # prompt_logprobs=0: the log-prob of each given token only. They are log_softmax of the raw
+        # logits whatever the sampler's temperature, top-p or logprobs_mode (prompt tokens skip the
+        # sampling processors), and requests that ask for them skip the prefix cache. One token is
+        # generated because vLLM must; it is thrown away.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
+                                    use_tqdm=False)
+        # prompt_logprobs[0] is None (nothing predicts the first token); then {token: Logprob} per position
+        return [[step[token].logprob for step, token in zip(out.prompt_logprobs[1:], seq[1:])]
+                for out, seq in zip(outputs, sequences)]
+
     @torch.no_grad()
     def push_weights(self, state_dict):
         """Copy the trainer's full (unsharded) weights into the engine in memory; no checkpoint on disk."""
@@ -284,6 +301,14 @@ class VLLMSampler:
             self.llm.collective_rpc(_load_weights_in_worker, args=(weights,))
         # Cached prompt KV blocks were computed with the old weights: drop them.
         self.llm.reset_prefix_cache()
+
+    def close(self):
+        """Shut the engine down now, not at interpreter exit. Under torchrun the engine joined the
+        trainer's process group (external launcher), and vLLM's teardown destroys its own subgroups
+        and then that default group: destroying the default group first, as a trainer normally
+        does last, leaves vLLM's exit-time teardown with invalid groups ("Invalid process group
+        specified"). So close the engine first, then destroy the group only if it is still there."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def sleep(self):
         """Free the engine's GPU memory (KV cache dropped, weights offloaded to CPU) for training."""

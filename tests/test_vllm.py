@@ -101,6 +101,24 @@ def test_completions_stop_at_max_new_tokens_or_eos(engine):
     assert any(r.truncated for r in rollouts) and any(not r.truncated for r in rollouts)  # both cases ran
 
 
+def test_score_is_the_raw_model_logp_whatever_the_sampling_settings(engine):
+    # score() reads vLLM's prompt_logprobs: log_softmax of the raw logits, so it equals
+    # score.token_logprobs even while the sampler draws at temperature 0.7 and top-p 0.9.
+    sampler, model, prompts = engine
+    rollouts = sampler.generate(prompts, n=1, max_new_tokens=24, seed=6)
+    sequences = [r.prompt_ids + r.completion_ids for r in rollouts]
+    sampler.temperature, sampler.top_p = 0.7, 0.9
+    try:
+        scored = sampler.score(sequences)
+    finally:
+        sampler.temperature, sampler.top_p = 1.0, 1.0
+    for seq, logp in zip(sequences, scored):
+        with torch.no_grad():
+            expected = token_logprobs(model, torch.tensor([seq]))[0]  # (T-1,)
+        assert len(logp) == len(seq) - 1
+        assert (torch.tensor(logp) - expected).abs().max().item() < 1e-4
+
+
 def test_push_weights_updates_engine_in_place(engine):
     sampler, model, prompts = engine
     updated = copy.deepcopy(model)
@@ -112,6 +130,10 @@ def test_push_weights_updates_engine_in_place(engine):
         rollouts = sampler.generate(prompts, n=2, max_new_tokens=24, seed=3)
         assert max_logp_error(updated, rollouts) < 1e-4
         assert max_logp_error(model, rollouts) > 1e-2  # the old weights are gone
+        sequence = prompts[0] + list(range(5, 40))  # fixed tokens, not sampled by the engine
+        with torch.no_grad():
+            expected = token_logprobs(updated, torch.tensor([sequence]))[0]
+        assert (torch.tensor(sampler.score([sequence])[0]) - expected).abs().max().item() < 1e-4
     finally:
         sampler.push_weights(model.state_dict())  # leave the engine as the other tests expect it
 
