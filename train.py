@@ -105,6 +105,8 @@ g.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2
                "checkpointing) instead of DDP: for students whose AdamW state does not fit one GPU")
 g.add_argument("--sampler", choices=["hf", "vllm"], default="hf", help="rollout engine")
 g.add_argument("--vllm-kv-cache-gb", type=float, default=None, help="vLLM KV-cache budget per rank, GiB")
+g.add_argument("--check-push", action="store_true", help="after every weight push, compare the sampler's "
+               "log-probs of this step's first rollout with the trainer's; logs push_logp_max_diff")
 g.add_argument("--eval-problems", type=int, help="toy only: held-out problems graded before and after")
 g.add_argument("--kl-bin", type=int, help="tokens per position bin of the logged reverse KL (paper figures: 256)")
 g.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
@@ -150,6 +152,9 @@ if L_0 < 1 or args.max_new_tokens < 1:
                      f"{args.max_new_tokens})")
 if args.prompts_per_step % world_size:
     raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide evenly over {world_size} ranks")
+if args.check_push and not (args.sampler == "vllm" and args.rollouts_from == "student"):
+    raise SystemExit("error: --check-push compares a separate sampling engine with the trainer: it needs "
+                     "--sampler vllm and the student's rollouts")
 if args.loss == "opd" and args.rollouts_from == "teacher":
     raise SystemExit("error: the OPD estimator needs the student's own rollouts; use --loss gkd or sft off-policy")
 torch.manual_seed(args.seed + rank)
@@ -538,6 +543,16 @@ for step in bar:
     if needs_push:
         push_weights()  # on-policy: the next rollouts come from the updated student
     t_update = time.time() - t0
+    push_logp_max_diff = None
+    if args.check_push:  # did the push land? the engine and the trainer score the same fixed tokens
+        sequence = rollouts[0].prompt_ids + rollouts[0].completion_ids  # this step's first rollout on this rank
+        with torch.no_grad():  # eval_student: the full, unsharded student, also under FSDP
+            trainer_logp = token_logprobs(eval_student, torch.tensor([sequence], device=device))[0]  # (T-1,)
+        engine_logp = torch.tensor(sampler.score([sequence])[0], device=device)  # (T-1,)
+        diff = (engine_logp - trainer_logp).abs().max()
+        if ddp:
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # the worst rank
+        push_logp_max_diff = diff.item()
 
     # 5. log: sums over ranks, then one line on rank 0 and one JSON line in metrics.jsonl
     counts = torch.tensor([len(rollouts), sum(r.truncated for r in rollouts)], device=device, dtype=torch.float32)
@@ -561,6 +576,7 @@ for step in bar:
         "kl_bin": args.kl_bin, "reverse_kl_by_position": [round((s / c).item(), 5) if c > 0 else None for s, c in zip(bin_sums, bin_counts)],
         "prompts_skipped": prompts_skipped, "flops": step_flops, "total_flops": total_flops,
         "time_sample": t_sample, "time_score": t_score, "time_update": t_update,
+        "push_logp_max_diff": push_logp_max_diff,
         "wall_seconds": wall_before + time.time() - t_start,
     }
     if is_main:
@@ -607,4 +623,7 @@ if is_main:
     print0(f"done: {args.steps} steps, {total_flops:.3e} FLOP, {wall_seconds:.0f}s; see {args.out}")
 if ddp:
     dist.barrier()
+if args.sampler == "vllm" and args.rollouts_from == "student":
+    sampler.close()  # first: under torchrun its teardown also destroys the process group (VLLMSampler.close)
+if ddp and dist.is_initialized():
     dist.destroy_process_group()
