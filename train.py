@@ -54,7 +54,7 @@ PRESETS = {
     "qwen3-1.7b": dict(student="Qwen/Qwen3-1.7B-Base", teacher="Qwen/Qwen3-8B",
                        dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_step=0,
                        max_new_tokens=16384, prompts_per_step=512, samples_per_prompt=4, lr=5e-5, steps=60,
-                       micro_batch_tokens=32768, eval_problems=0, kl_bin=256),
+                       micro_batch_tokens=4096, eval_problems=0, kl_bin=256),
     "qwen3-8b": dict(student="Qwen/Qwen3-8B-Base", teacher="Qwen/Qwen3-8B",
                      dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_step=0,
                      max_new_tokens=16384, prompts_per_step=512, samples_per_prompt=4, lr=5e-5, steps=60,
@@ -103,6 +103,8 @@ g.add_argument("--save-every", type=int, default=10, help="checkpoint every N st
 g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
 g.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 (bf16 compute, activation "
                "checkpointing) instead of DDP: for students whose AdamW state does not fit one GPU")
+g.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in "
+               "backward: less memory for long prefixes (always on with --fsdp)")
 g.add_argument("--sampler", choices=["hf", "vllm"], default="hf", help="rollout engine")
 g.add_argument("--vllm-kv-cache-gb", type=float, default=None, help="vLLM KV-cache budget per rank, GiB")
 g.add_argument("--check-push", action="store_true", help="after every weight push, compare the sampler's "
@@ -219,6 +221,8 @@ class LogProbs(torch.nn.Module):
         return token_logprobs(self.lm, input_ids, attention_mask)
 
 
+if args.activation_checkpointing or args.fsdp:  # each decoder layer keeps only its input and recomputes in backward
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model = LogProbs(student)
 raw_student = student  # the unwrapped HF model: for sampling, weight pushes and save_pretrained
 if args.fsdp:  # FSDP2: each decoder layer is a shard unit, the root holds embeddings, norm and lm_head
@@ -229,7 +233,6 @@ if args.fsdp:  # FSDP2: each decoder layer is a shard unit, the root holds embed
     mesh = init_device_mesh(device.type, (world_size,))
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()  # bf16 compute, fp32 master weights and reductions
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in student.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed)
     fully_shard(model, mesh=mesh, mp_policy=mixed)

@@ -185,3 +185,9 @@ def test_objective_variants_run(models, tmp_path, extra, check):
     run(flags)
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(check(r) and not r["skipped"] for r in rows)
+
+
+def test_activation_checkpointing_changes_memory_not_results(models, tmp_path):
+    run(train_args(models, tmp_path / "plain"))
+    run(train_args(models, tmp_path / "ckpt", activation_checkpointing=True))
+    assert max_diff(params(tmp_path / "plain", 2), params(tmp_path / "ckpt", 2)) < 1e-6
