@@ -549,6 +549,7 @@ for step in bar:
     push_logp_max_diff = None
     if args.check_push:  # did the push land? the engine and the trainer score the same fixed tokens
         sequence = rollouts[0].prompt_ids + rollouts[0].completion_ids  # this step's first rollout on this rank
+        sequence = sequence[:max_context - 1]  # vLLM needs room to generate one token after a scored sequence
         with torch.no_grad():  # eval_student: the full, unsharded student, also under FSDP
             trainer_logp = token_logprobs(eval_student, torch.tensor([sequence], device=device))[0]  # (T-1,)
         engine_logp = torch.tensor(sampler.score([sequence])[0], device=device)  # (T-1,)
