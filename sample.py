@@ -268,7 +268,8 @@ class VLLMSampler:
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """log pi(x_{t+1} | x_{<=t}) of each sequence's tokens under the engine's weights: what
-        score.token_logprobs returns, (T-1,) per sequence. A check that a weight push landed."""
+        score.token_logprobs returns, (T-1,) per sequence. A check that a weight push landed.
+        Each sequence must be shorter than the engine's max_model_len: vLLM generates a token after it."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

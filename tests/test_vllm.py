@@ -43,7 +43,7 @@ def engine(tmp_path_factory):
     sampler = VLLMSampler(path, seed=0, dtype="float32", kv_cache_gb=1, max_model_len=256)
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("1+1=", "what is 7*6?", "hi")]
     yield sampler, model, prompts
-    del sampler
+    sampler.close()  # free its memory now: tests/test_train_vllm.py starts two more engines
 
 
 def reference_logp(model, rollout, temperature=1.0, top_p=1.0):
