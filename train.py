@@ -26,7 +26,6 @@ Departures from the paper:
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import shutil

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny randomly initialised Qwen3 models and a tiny tokenizer built locally."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+ONE_THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # for the scripts the tests start
 
 
 def tiny_qwen3(vocab_size=64, hidden_size=64, layers=2, heads=2, kv_heads=1, head_dim=32, seed=0,

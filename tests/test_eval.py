@@ -14,22 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, tiny_qwen3, tiny_tokenizer
+from conftest import ONE_THREAD_ENV, ROOT, tiny_qwen3, tiny_tokenizer
 from eval import (GRADE_TIMEOUT_S, equivalent, evaluate, extract_choice, gpqa_problem, grade, grade_choice,
                   grade_math, load_benchmark, main, mmlu_pro_sample)
 from sample import build_prompt
 
 DATA_DIR = Path(os.environ.get("OPD_DATA_DIR", ROOT.parent / "shared" / "data"))
-ONE_THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; two threads on a busy 2-core machine are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def shared_rows(name):

@@ -5,7 +5,6 @@ accuracy does not move with L; the script end to end; bad input."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,23 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, tiny_qwen3, tiny_tokenizer
+from conftest import ONE_THREAD_ENV, ROOT, tiny_qwen3, tiny_tokenizer
 from eval import evaluate, user_turn
 from probe import check_same_vocabulary, main, probe
 from sample import build_prompt, sample_hf
 
 PROBLEMS = [{"id": f"p{i}", "problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(8)]
 BUDGET, PREFIXES, SEED = 32, [0, 3, 10, 30], 5
-ONE_THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; two threads on a busy 2-core machine are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
