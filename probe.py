@@ -178,7 +178,7 @@ def results_table(result: dict, settings: dict) -> str:
     s = settings
     lines = ["## Teacher-prefix probe (paper §3, Fig. 3)", "",
              f"Student `{s['student']}`, teacher `{s['teacher']}`. Benchmark {s['benchmark']}: {s['n']} problems x "
-             f"{s['k']} samples at temperature {TEMPERATURE}; response budget B = {s['max_new_tokens']} tokens, "
+             f"{s['k']} sample{'s' * (s['k'] != 1)} at temperature {TEMPERATURE}; response budget B = {s['max_new_tokens']} tokens, "
              f"teacher prefix included; seed {s['seed']} (teacher {result['teacher_seed']}).", "",
              "| teacher prefix L (tokens) | accuracy | ± s.e. | teacher ended within L | mean response tokens "
              "| truncated |",
@@ -206,7 +206,7 @@ def plot(result: dict, settings: dict, path) -> None:
     ax.set_xticks(Ls, [str(L) for L in Ls])
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("teacher prefix L (tokens)")
-    ax.set_ylabel(f"accuracy (mean of {settings['k']} per problem)")
+    ax.set_ylabel(f"accuracy ({settings['k']} sample{'s' * (settings['k'] != 1)} per problem)")
     ax.set_title(f"{settings['benchmark']}: {settings['n']} problems, budget {settings['max_new_tokens']} tokens")
     ax.legend(fontsize=8)
     fig.tight_layout()
