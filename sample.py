@@ -15,10 +15,11 @@ The prompt is the chat template's user turn and generation prompt, with `<think>
 end (paper §3, "Special Tokens"), so even a base student starts reasoning at once.
 
 Departures from the paper:
-1. Sampling is inverse-CDF with one uniform stream per (seed, prompt index, sample index), not one
-   generator per batch. The tokens of a rollout then depend only on the seed, the prompt's global
+1. The transformers backend samples by inverse CDF with one uniform stream per (seed, prompt index,
+   sample index), not one generator per batch. The tokens of a rollout then depend only on the seed, the prompt's global
    index and the model, never on which rank or batch the prompt landed in: a 2-process torchrun
-   job draws exactly the rollouts of a 1-process job with the same global batch.
+   job draws exactly the rollouts of a 1-process job with the same global batch. (The vLLM backend
+   seeds each request the same way but draws with its own sampler, so its tokens differ.)
 2. This file holds the transformers backend (a gpt-fast style prefill + decode loop over a KV
    cache) and the vLLM backend (at the bottom); both return the same `Rollout`s.
 """
@@ -160,7 +161,12 @@ class HFSampler:
 
     def __init__(self, model, tokenizer, *, temperature=1.0, top_p=1.0, batch_size=64):
         self.model, self.temperature, self.top_p, self.batch_size = model, temperature, top_p, batch_size
-        self.eos_token_id = tokenizer.eos_token_id
+        # Stop at the tokenizer's EOS and at the model's generation EOS ids (Qwen3: <|im_end|> and
+        # <|endoftext|>), as vLLM does.
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        generation_eos = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) \
+            else list(generation_eos)
+        self.eos_token_id = sorted({tokenizer.eos_token_id, *generation_eos})
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def generate(self, prompts, n, max_new_tokens, seed, prompt_indices=None) -> list[Rollout]:

@@ -123,3 +123,16 @@ def test_bad_input_is_rejected(kwargs, match):
     args = dict(L=4, prompts=PROMPTS, n=1) | kwargs
     with pytest.raises(ValueError, match=match):
         rollouts(tiny_qwen3(), args.pop("L"), **args)
+
+
+def test_hf_sampler_stops_at_every_generation_eos(tokenizer):
+    from sample import HFSampler
+    model = tiny_qwen3(vocab_size=len(tokenizer))
+    extra = tokenizer.convert_tokens_to_ids("</think>")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, extra]  # as Qwen3: <|im_end|>, <|endoftext|>
+    with torch.no_grad():
+        model.lm_head.weight[extra] = 0.3 * model.lm_head.weight[20] + 0.05  # make the second EOS likely
+    out = HFSampler(model, tokenizer).generate([[5, 6, 7]], 16, 24, seed=0)
+    ended = [r for r in out if not r.truncated]
+    assert ended and all(r.completion_ids[-1] in (tokenizer.eos_token_id, extra) for r in ended)
+    assert any(r.completion_ids[-1] == extra for r in ended)
