@@ -1,0 +1,304 @@
+"""
+The toy task, its tokenizer, and the teacher and student checkpoints that train.py distils between.
+
+The task: a chain of digits added mod 10, with a worked solution and a boxed answer.
+
+    problem   Work mod 10: a=4,b=4,c=a+b,d=a+c,e=a+d,f=c+e. What is f?
+    solution  a=4
+              b=4
+              c=a+b,a=4,b=4,4+4=8,c=8
+              d=a+c,a=4,c=8,4+8=2,d=2
+              e=a+d,a=4,d=2,4+2=6,e=6
+              f=c+e,c=8,e=6,8+6=4,f=4
+              </think>
+              \\boxed{4}
+
+Every variable after the constants is an earlier one plus the one just before it, so a wrong sum
+at any step changes the answer. A step line restates the definition, looks up both operands, adds
+two digits and binds the result. Why it is built this way:
+1. Long but learnable on a CPU. Solutions are 115-167 tokens (one token per character), so a
+   prefix rollout costs a fraction of a full one, as in the paper. Yet almost every token is a
+   copy found by content, never by counting positions: an operand's value is the digit after an
+   earlier `name=`, a definition is the text after its `name=` in the problem. A 3-layer, width-128
+   Qwen3 learns it in ~500 SFT steps (calibration: an 85-token addition written digit by digit,
+   where operands are found by position, was not learned in that time).
+2. Few decisive tokens. One token per line, the sum, needs arithmetic. An error there is a token
+   the teacher gives almost no probability, so the per-token reverse KL of on-policy distillation
+   points at exactly the tokens that are wrong.
+3. A base student that follows the format but is often wrong. Teacher and student share a base
+   trained from scratch on clean solutions; the teacher is trained further on clean solutions, the
+   student on the same problems with sloppy solutions, where each sum slips by one (4+8=1 or 4+8=3)
+   with probability SLIP and the later steps carry the wrong value on, as a real mistake would.
+   Sampled at temperature 1 the student reproduces its data's slips and solves few problems, while
+   the right digit stays its most likely one: distillation has to sharpen a distribution the
+   student already has, which a few minutes of CPU training can do. Slips happen at every step
+   alike, so what the student unlearns on a prefix carries over to the rest (paper §4).
+
+Departures from the paper's setting: the paper distils between pretrained Qwen3 models on
+competition maths. Here both models are trained from scratch by `build()` with a character-level
+vocabulary, and answers are graded by an exact string match on the last \\boxed{} (single digits).
+
+Build (once; ~10 min on a 2-core CPU; the checkpoints are committed under toy/):
+    python toy.py
+"""
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from sample import build_prompt, sample_hf
+
+TOY_DIR = Path(__file__).resolve().parent / "toy"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SLIP = 0.2  # probability that a sum in the student's solutions is off by one
+MAX_NEW_TOKENS = 256  # room past the longest solution (167 tokens + EOS); a rollout that hits it is truncated
+TEST_EVERY = 8  # one problem in 8 belongs to the test split, chosen by a hash of its text
+BASE_STEPS = 600  # SFT batches of clean solutions from scratch, shared by teacher and student
+BRANCH_STEPS = 150  # further SFT batches: clean for the teacher, with slips for the student
+
+# Special tokens of the Qwen3 chat format, plus a pad token.
+PAD, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# ----------------------------------------------------------------------------- the task
+
+
+def _chain(rng: random.Random):
+    """A random program: constants [(name, digit)] and steps [(name, other, prev)], name = other + prev."""
+    n_const, n_steps = rng.randint(2, 3), rng.randint(4, 6)
+    constants = [(LETTERS[i], rng.randrange(10)) for i in range(n_const)]
+    steps = []
+    for i in range(n_const, n_const + n_steps):
+        other, prev = LETTERS[rng.randrange(i - 1)], LETTERS[i - 1]  # the chain runs through prev
+        steps.append((LETTERS[i], other, prev))
+    return constants, steps
+
+
+def _problem_text(constants, steps) -> str:
+    defs = [f"{n}={v}" for n, v in constants] + [f"{n}={x}+{y}" for n, x, y in steps]
+    return f"Work mod 10: {','.join(defs)}. What is {steps[-1][0]}?"
+
+
+def _solve(constants, steps, slip: float = 0.0, rng: random.Random | None = None):
+    """The worked solution (the text after `<think>\\n`, without EOS) and its final value.
+
+    With slip > 0 each sum is off by one with that probability, and the later steps use the wrong
+    value: the student's training data."""
+    value = dict(constants)
+    lines = [f"{n}={v}" for n, v in constants]
+    for n, x, y in steps:
+        result = (value[x] + value[y]) % 10
+        if slip > 0 and rng.random() < slip:
+            result = (result + rng.choice((-1, 1))) % 10
+        value[n] = result
+        lines.append(f"{n}={x}+{y},{x}={value[x]},{y}={value[y]},{value[x]}+{value[y]}={result},{n}={result}")
+    answer = str(value[steps[-1][0]])
+    return "\n".join(lines) + f"\n{END_THINK}\n\\boxed{{{answer}}}", answer
+
+
+def split_of(problem: str) -> str:
+    """'test' for one problem in TEST_EVERY, by a hash of its text; else 'train'. Splits never overlap."""
+    digest = hashlib.sha256(problem.encode()).digest()
+    return "test" if int.from_bytes(digest[:4], "little") % TEST_EVERY == 0 else "train"
+
+
+def make_problems(n: int, seed: int = 0, split: str = "test", slip: float = 0.0) -> list[dict]:
+    """n distinct problems of `split`, deterministic in (n, seed, split).
+
+    Each is {id, problem, answer, solution}; with slip > 0 the solution (and its boxed answer) may
+    contain slips, and `answer` is then still the correct one."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"toy/{split}/{seed}")
+    slip_rng = random.Random(f"toy/{split}/{seed}/slips")  # its own stream: slips never change the problems
+    problems, seen = [], set()
+    while len(problems) < n:
+        constants, steps = _chain(rng)
+        problem = _problem_text(constants, steps)
+        if split_of(problem) != split or problem in seen:
+            continue
+        seen.add(problem)
+        solution, answer = _solve(constants, steps)
+        if slip > 0:
+            solution, _ = _solve(constants, steps, slip, slip_rng)
+        problems.append({"id": f"{split}-{seed}-{len(problems)}", "problem": problem, "answer": answer,
+                         "solution": solution})
+    return problems
+
+
+def extract_boxed(text: str) -> str | None:
+    """Contents of the last \\boxed{...}, braces balanced; None when there is none or it is unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            if depth == 0:
+                return text[i:j]
+            depth -= 1
+    return None
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    return extract_boxed(completion) == answer
+
+
+# ----------------------------------------------------------------------------- tokenizer and models
+
+
+def make_tokenizer():
+    """Character-level PreTrainedTokenizerFast with the Qwen3 chat tokens and a ChatML template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, IM_START, IM_END]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(specials + [THINK, END_THINK] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one char each
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
+                                   chat_template=CHAT_TEMPLATE, model_max_length=1024)
+
+
+def make_model(tokenizer, hidden_size=128, layers=3, heads=4, seed=0):
+    """A fresh Qwen3ForCausalLM over the toy vocabulary (head_dim 32: vLLM's CPU attention needs >= 32)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, head_dim=32, max_position_embeddings=1024,
+                         # untied: with tied embeddings the uniform guess over digits that SFT passes
+                         # through pulls the digit embeddings together, and a run sat there for 600 steps
+                         tie_word_embeddings=False, rope_theta=10000.0, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = Qwen3ForCausalLM(config)
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, 1.0, 1.0, 0
+    gen.max_new_tokens = MAX_NEW_TOKENS
+    return model
+
+
+def sft_batch(tokenizer, problems):
+    """Right-padded (input_ids, attention_mask, labels): loss on the solution and EOS only."""
+    rows, starts = [], []
+    for p in problems:
+        prompt = build_prompt(tokenizer, p["problem"])
+        response = tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + response)
+        starts.append(len(prompt))
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), T), -100)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, (r, s) in enumerate(zip(rows, starts)):
+        input_ids[b, :len(r)] = torch.tensor(r)
+        attention_mask[b, :len(r)] = 1
+        labels[b, s:len(r)] = torch.tensor(r[s:])  # the model shifts labels: position t predicts t+1
+    return input_ids, attention_mask, labels
+
+
+def sft(model, tokenizer, problems, *, batch_size, lr, warmup=50, log_every=50):
+    """AdamW on `problems`, each seen once, in batches; linear warmup then cosine decay to lr/20.
+
+    A batch mixes problems of every shape (number of constants and steps) and so pads: in a run
+    whose batches each held one shape, the operand look-ups were learned far more slowly."""
+    batches = [problems[i:i + batch_size] for i in range(0, len(problems), batch_size)]
+    steps = len(batches)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    t0 = time.time()
+    for step, batch in enumerate(batches):
+        input_ids, attention_mask, labels = sft_batch(tokenizer, batch)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss  # mean over response tokens
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            print(f"  step {step:4d}/{steps}  loss {loss.item():.4f}  {time.time() - t0:4.0f}s", flush=True)
+    model.eval()
+    return model
+
+
+def accuracy(model, tokenizer, problems, seed=0, batch_size=64) -> float:
+    """Fraction solved by one sample per problem at temperature 1 (top-p 1), graded on the last \\boxed{}."""
+    prompts = [build_prompt(tokenizer, p["problem"]) for p in problems]
+    rollouts = sample_hf(model, prompts, 1, MAX_NEW_TOKENS, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0, seed=seed,
+                         batch_size=batch_size)
+    texts = tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
+    return sum(is_correct(t, p["answer"]) for t, p in zip(texts, problems)) / len(problems)
+
+
+def save(model, tokenizer, path: Path):
+    model.save_pretrained(path)  # safetensors
+    tokenizer.save_pretrained(path)
+
+
+def build(out_dir: Path = TOY_DIR, seed: int = 0, base_steps: int = BASE_STEPS, branch_steps: int = BRANCH_STEPS,
+          batch_size: int = 32, n_eval: int = 200) -> tuple[Path, Path]:
+    """SFT from scratch on clean solutions (the base), then two branches: more clean SFT (teacher),
+    SFT on solutions with slips (student). Same shape, same tokenizer; prints their accuracies."""
+    torch.manual_seed(seed)
+    out_dir, t0 = Path(out_dir), time.time()
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer, seed=seed)
+    print(f"toy model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"base: {base_steps} steps of {batch_size} clean solutions, from scratch")
+    sft(model, tokenizer, make_problems(base_steps * batch_size, seed, "train"), batch_size=batch_size, lr=2e-3)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, slip in (("teacher", 0.0), ("student", SLIP)):
+        print(f"{name}: the base + {branch_steps} steps of {batch_size} solutions with slip probability {slip}")
+        model.load_state_dict(base_state)
+        problems = make_problems(branch_steps * batch_size, seed + 1, "train", slip=slip)  # same problems
+        sft(model, tokenizer, problems, batch_size=batch_size, lr=1e-3)
+        save(model, tokenizer, out_dir / name)
+    build_seconds = time.time() - t0
+
+    from transformers import AutoModelForCausalLM
+
+    test = make_problems(n_eval, seed, "test")
+    info = {"seed": seed, "build_seconds": round(build_seconds), "n_eval": n_eval, "temperature": 1.0}
+    for name in ("teacher", "student"):
+        loaded = AutoModelForCausalLM.from_pretrained(out_dir / name).eval()
+        info[f"{name}_acc"] = accuracy(loaded, tokenizer, test, seed=seed)
+    (out_dir / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"built in {build_seconds / 60:.1f} min; accuracy on {n_eval} test problems, one sample each at "
+          f"temperature 1: teacher {info['teacher_acc']:.1%}, student {info['student_acc']:.1%}")
+    return out_dir / "teacher", out_dir / "student"
+
+
+def ensure_built(out_dir: Path = TOY_DIR) -> tuple[Path, Path]:
+    """(teacher_path, student_path), building them first if they are missing."""
+    out_dir = Path(out_dir)
+    teacher, student = out_dir / "teacher", out_dir / "student"
+    if not ((teacher / "model.safetensors").exists() and (student / "model.safetensors").exists()):
+        build(out_dir)
+    return teacher, student
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    build()
