@@ -38,9 +38,9 @@ Departures from the paper, and choices it leaves open:
    teacher with --seed SEED+1. The teacher draws with seed + 1 so that its prefix and the student's
    continuation never read the same uniforms: a teacher token drawn from uniform u tells where u
    fell, and a student token drawn from u again would not be an independent draw.
-3. transformers sampling only (sample.sample_hf), at eval.py's temperature 1 and top-p 1; the
-   prompt is built with the student's tokenizer (both models see the same prompt), and each model
-   stops at its own tokenizer's EOS, as eval.py would stop it.
+3. transformers sampling only (sample.HFSampler, eval.py's sampler), at temperature 1 and top-p 1;
+   the prompt is built with the student's tokenizer (both models see the same prompt), and each
+   model stops at its own EOS ids, as eval.py would stop it.
 """
 
 import argparse
@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, grade, load_benchmark, load_hf_model,
                   max_new_tokens_for, user_turn)
-from sample import build_prompt, sample_hf
+from sample import HFSampler, build_prompt
 
 TEACHER_SEED_OFFSET = 1  # the teacher samples with seed + 1: streams of its own (departure 2)
 PREFIXES = {"toy": [0, 8, 32, 64, 128]}  # default L list per benchmark (toy responses: 150-260 tokens)
@@ -85,15 +85,13 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student=None, te
 # ----------------------------------------------------------------------------- the probe
 
 
-def sample_rows(model, prompts, prompt_indices, max_new_tokens, seed, eos_token_id, pad_token_id, batch_size,
-                desc):
+def sample_rows(sampler, prompts, prompt_indices, max_new_tokens, seed, desc):
     """One rollout per prompt (sample 0 of its prompt index), batch by batch under a progress bar."""
     rollouts = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-        rollouts += sample_hf(model, prompts[start:start + batch_size], 1, max_new_tokens,
-                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=TEMPERATURE,
-                              top_p=TOP_P, seed=seed, prompt_indices=prompt_indices[start:start + batch_size],
-                              batch_size=batch_size)
+    for start in tqdm(range(0, len(prompts), sampler.batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        end = start + sampler.batch_size
+        rollouts += sampler.generate(prompts[start:end], 1, max_new_tokens, seed,
+                                     prompt_indices=prompt_indices[start:end])
     return rollouts
 
 
@@ -124,8 +122,10 @@ def probe(student, teacher, tokenizer, problems: list[dict], prefixes: list[int]
     if k < 1:
         raise ValueError(f"samples per problem must be >= 1, got {k}")
     prefixes = sorted(set(prefixes) | {0})
-    teacher_tokenizer = teacher_tokenizer or tokenizer
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # eval.py's samplers: each model stops at its own EOS ids (its tokenizer's and its generation config's)
+    student_sampler = HFSampler(student, tokenizer, temperature=TEMPERATURE, top_p=TOP_P, batch_size=batch_size)
+    teacher_sampler = HFSampler(teacher, teacher_tokenizer or tokenizer, temperature=TEMPERATURE, top_p=TOP_P,
+                                batch_size=batch_size)
     teacher_seed = seed + TEACHER_SEED_OFFSET
 
     prompts = [build_prompt(tokenizer, *user_turn(p)) for p in problems]
@@ -135,8 +135,8 @@ def probe(student, teacher, tokenizer, problems: list[dict], prefixes: list[int]
 
     # The teacher's whole responses: the teacher-alone line, and every prefix is their first L tokens (departure 1).
     t0 = time.time()
-    teacher_rollouts = sample_rows(teacher, row_prompts, prompt_indices, max_new_tokens, teacher_seed,
-                                   teacher_tokenizer.eos_token_id, pad_token_id, batch_size, desc="teacher, whole")
+    teacher_rollouts = sample_rows(teacher_sampler, row_prompts, prompt_indices, max_new_tokens, teacher_seed,
+                                   desc="teacher, whole")
     teacher_seconds = time.time() - t0
 
     records, summaries = [], {}
@@ -148,9 +148,8 @@ def probe(student, teacher, tokenizer, problems: list[dict], prefixes: list[int]
         todo = [r for r in range(len(rows)) if not teacher_done[r] and L < max_new_tokens]
         continuation = {}
         if todo:  # the student continues from prompt + prefix, with the tokens the budget has left
-            outs = sample_rows(student, [row_prompts[r] + prefix[r] for r in todo], [prompt_indices[r] for r in todo],
-                               max_new_tokens - L, seed, tokenizer.eos_token_id, pad_token_id, batch_size,
-                               desc=f"student after L={L}")
+            outs = sample_rows(student_sampler, [row_prompts[r] + prefix[r] for r in todo],
+                               [prompt_indices[r] for r in todo], max_new_tokens - L, seed, desc=f"student after L={L}")
             continuation = dict(zip(todo, outs))
         mine = []
         for r, (i, j) in enumerate(rows):
@@ -178,8 +177,9 @@ def results_table(result: dict, settings: dict) -> str:
     s = settings
     lines = ["## Teacher-prefix probe (paper §3, Fig. 3)", "",
              f"Student `{s['student']}`, teacher `{s['teacher']}`. Benchmark {s['benchmark']}: {s['n']} problems x "
-             f"{s['k']} sample{'s' * (s['k'] != 1)} at temperature {TEMPERATURE}; response budget B = {s['max_new_tokens']} tokens, "
-             f"teacher prefix included; seed {s['seed']} (teacher {result['teacher_seed']}).", "",
+             f"{s['k']} sample{'s' * (s['k'] != 1)} at temperature {TEMPERATURE}; response budget "
+             f"B = {s['max_new_tokens']} tokens, teacher prefix included; seed {s['seed']} "
+             f"(teacher {result['teacher_seed']}).", "",
              "| teacher prefix L (tokens) | accuracy | ± s.e. | teacher ended within L | mean response tokens "
              "| truncated |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]

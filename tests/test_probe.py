@@ -63,6 +63,21 @@ def test_prefix_zero_is_the_student_alone_and_eval_py_for_one_sample(models):
     assert result["student_alone"]["acc"] == evaluated["acc"]
 
 
+
+def test_prefix_zero_stops_where_eval_py_stops_the_student(models):
+    """A model whose generation config ends on a second token too (Qwen3: <|im_end|> and <|endoftext|>)."""
+    tok, _, teacher = models
+    student = tiny_qwen3(vocab_size=len(tok), seed=0)
+    prompts = [build_prompt(tok, *user_turn(p)) for p in PROBLEMS]
+    plain = own_rollouts(student, tok, prompts, BUDGET, SEED)  # stopped at the tokenizer's EOS only
+    second_eos = next(r.completion_ids[0] for r in plain  # a character the model starts a long response with
+                      if r.truncated and r.completion_ids[0] not in tok.all_special_ids)
+    student.generation_config.eos_token_id = [tok.eos_token_id, second_eos]
+    result = probe(student, teacher, tok, PROBLEMS, [0], 1, BUDGET, SEED)
+    evaluated = evaluate(student, tok, PROBLEMS, 1, BUDGET, SEED)
+    assert [r["responses"][0] for r in evaluated["records"]] == [r["response"] for r in at(result, 0)]
+    assert any(r["response_ids"][-1] == second_eos and not r["truncated"] for r in at(result, 0))
+
 def test_prefix_zero_with_k_samples_is_the_students_rollouts_seeded_per_row(models, two_samples):
     tok, student, _ = models
     prompts = [build_prompt(tok, *user_turn(p)) for p in PROBLEMS for _ in range(2)]
