@@ -20,8 +20,8 @@ two digits and binds the result. Why it is built this way:
    prefix rollout costs a fraction of a full one, as in the paper. Yet almost every token is a
    copy found by content, never by counting positions: an operand's value is the digit after an
    earlier `name=`, a definition is the text after its `name=` in the problem. A 3-layer, width-128
-   Qwen3 learns it in ~500 SFT steps (calibration: an 85-token addition written digit by digit,
-   where operands are found by position, was not learned in that time).
+   Qwen3 learns it in ~500 SFT steps of 32 solutions (an 85-token addition written digit by digit,
+   whose operands are found by position, was not learned by a 2-layer width-128 one in 600 steps).
 2. Few decisive tokens. One token per line, the sum, needs arithmetic. An error there is a token
    the teacher gives almost no probability, so the per-token reverse KL of on-policy distillation
    points at exactly the tokens that are wrong.
