@@ -47,8 +47,8 @@ from score import token_logprobs
 # ----------------------------------------------------------------------------- presets
 # The single source of every preset-dependent default: a flag left unset takes its preset's value.
 PRESETS = {
-    "toy": dict(student="toy/student", teacher="toy/teacher", dataset="toy", prefix=24, prefix_step=24,
-                max_new_tokens=320, prompts_per_step=32, samples_per_prompt=2, lr=1e-3, steps=30,
+    "toy": dict(student="toy/student", teacher="toy/teacher", dataset="toy", prefix=64, prefix_step=32,
+                max_new_tokens=320, prompts_per_step=16, samples_per_prompt=4, lr=3e-4, steps=12,
                 micro_batch_tokens=16384, eval_problems=256, kl_bin=32),
     "qwen3-1.7b": dict(student="Qwen/Qwen3-1.7B-Base", teacher="Qwen/Qwen3-8B",
                        dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_step=0,
@@ -144,7 +144,7 @@ for key, value in PRESETS[args.preset].items():
         setattr(args, key, value)
 if args.preset == "toy" and args.student == "toy/student":
     import toy
-    args.student, args.teacher = map(str, toy.ensure_built())
+    args.teacher, args.student = map(str, toy.ensure_built())
 args.out = Path(args.out or f"runs/{args.preset}")
 L_0 = args.prefix if args.prefix > 0 else args.max_new_tokens  # --prefix 0: full OPD
 check_window(tuple(args.window) if args.window else None, args.last_n)
