@@ -276,7 +276,7 @@ def save_checkpoint(step: int, meta: dict):
         os.replace(tmp, final)
 
 
-start_step, total_flops, wall_before = 0, 0.0, 0.0
+start_step, total_flops, wall_before, meta = 0, 0.0, 0.0, {}
 if resume_from is not None:
     trainer_state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
     if args.fsdp:
@@ -445,16 +445,21 @@ if is_main and args.wandb:
     writers.append(lambda m, s: wandb.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=s))
 
 # Toy only: accuracy before training, on held-out problems (sampled at temperature 1, one per problem).
-eval_set, acc = [], {}
-if args.dataset == "toy" and args.eval_problems and not args.resume:
+# Checkpoints carry it, so a resumed run still prints the before/after table.
+eval_set, acc = [], dict(meta.get("toy_acc_before", {}))
+if acc.get("eval_problems") != args.eval_problems:
+    acc = {}
+if args.dataset == "toy" and args.eval_problems and (resume_from is None or acc):
     import eval as evaluation
     import toy
     eval_set = toy.make_problems(args.eval_problems, seed=args.seed, split="test")
-    if is_main:
+    if is_main and not acc:
         for name, lm in (("teacher", teacher), ("student_before", eval_student)):
             acc[name] = evaluation.evaluate(lm, tokenizer, eval_set, 1, toy.MAX_NEW_TOKENS, args.seed,
                                             desc=f"eval {name}")["acc"]
         print0(f"toy accuracy before training: teacher {acc['teacher']:.3f}, student {acc['student_before']:.3f}")
+        acc["eval_problems"] = len(eval_set)
+toy_meta = {"toy_acc_before": dict(acc)} if acc else {}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -598,7 +603,7 @@ for step in bar:
     # 6. checkpoint
     if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
         save_checkpoint(step + 1, {"step": step + 1, "L_train": L_train, "total_flops": total_flops,
-                                   "wall_seconds": metrics["wall_seconds"]})
+                                   "wall_seconds": metrics["wall_seconds"]} | toy_meta)
         if ddp:
             dist.barrier()
 bar.close()

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny randomly initialised Qwen3 models and a tiny tokenizer built locally."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ ONE_THREAD_ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # for the scripts the te
 
 def tiny_qwen3(vocab_size=64, hidden_size=64, layers=2, heads=2, kv_heads=1, head_dim=32, seed=0,
                dtype=torch.float32):
-    """A random Qwen3ForCausalLM small enough to run in milliseconds on a CPU."""
+    """A random Qwen3ForCausalLM small enough to run in milliseconds on a CPU (head_dim 32: vLLM's CPU
+    attention rejects 16)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -43,6 +45,22 @@ def tiny_tokenizer(with_think=True):
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
                                    chat_template=template)
+
+
+def write_tiny_run(d: Path, edit=None) -> Path:
+    """d/student (seed 0), d/teacher (seed 1), same tokenizer, and d/data.jsonl with 40 problems: the
+    inputs of a tiny train.py run. `edit(name, model, tokenizer)` may change a model before it is saved."""
+    tok = tiny_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):
+        m = tiny_qwen3(vocab_size=len(tok), seed=seed)
+        if edit is not None:
+            edit(name, m, tok)
+        m.config.eos_token_id, m.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        m.save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    (d / "data.jsonl").write_text("".join(json.dumps({"problem": f"What is {i} + {2 * i}?"}) + "\n"
+                                          for i in range(40)))
+    return d
 
 
 @pytest.fixture(scope="session")

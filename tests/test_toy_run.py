@@ -36,3 +36,24 @@ def test_default_run_lifts_the_student_and_eval_agrees(tmp_path):
     evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())["toy"]
     assert evaluated["n"] == summary["eval_problems"]
     assert evaluated["acc"] == summary["student_acc_after"]  # same weights, prompts, seeds: same samples
+
+
+def test_a_resumed_toy_run_reports_the_same_table_as_a_straight_one(tmp_path):
+    """The before-training accuracies travel in the checkpoint, so a resumed run still prints and
+    saves them, and its after-training accuracy is that of the uninterrupted run (resume is exact)."""
+    def train(out, steps, *extra):
+        flags = ["--out", str(out), "--steps", str(steps), "--save-every", "1", "--eval-problems", "32", "--no-plots"]
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *extra], cwd=ROOT,
+                              env=os.environ | {"TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr, json.loads((out / "summary.json").read_text())
+
+    output, straight = train(tmp_path / "straight", 2)
+    assert "eval teacher" in output
+    train(tmp_path / "resumed", 1)
+    output, resumed = train(tmp_path / "resumed", 2, "--resume")
+    assert "eval teacher" not in output  # not evaluated again (the bar's label): read from the checkpoint
+    assert "| student before |" in output and "| student after |" in output
+    for key in ("teacher_acc", "student_acc_before", "student_acc_after", "eval_problems"):
+        assert resumed[key] == straight[key], key

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_qwen3, tiny_tokenizer
+from conftest import ROOT, tiny_qwen3, tiny_tokenizer, write_tiny_run
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -20,16 +20,7 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny student, a different tiny teacher (same vocabulary) and a JSONL of 40 problems."""
-    d = tmp_path_factory.mktemp("models")
-    tok = tiny_tokenizer()
-    for name, seed in (("student", 0), ("teacher", 1)):
-        m = tiny_qwen3(vocab_size=len(tok), seed=seed)
-        m.config.eos_token_id, m.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-        m.save_pretrained(d / name)
-        tok.save_pretrained(d / name)
-    (d / "data.jsonl").write_text("".join(json.dumps({"problem": f"What is {i} + {2 * i}?"}) + "\n"
-                                          for i in range(40)))
-    return d
+    return write_tiny_run(tmp_path_factory.mktemp("models"))
 
 
 def train_args(models, out, steps=2, **extra):

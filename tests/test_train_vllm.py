@@ -19,7 +19,7 @@ try:
 except Exception:  # ImportError, or a broken torch/torchvision pairing that fails at import
     pytest.skip("vllm is not importable in this environment", allow_module_level=True)
 
-from conftest import ROOT, tiny_qwen3, tiny_tokenizer
+from conftest import ROOT, write_tiny_run
 
 # VLLM_CPU_KVCACHE_SPACE: GiB of KV cache per engine; by default each of the two claims most of the RAM.
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -36,21 +36,13 @@ def models(tmp_path_factory):
     digits, and the reverse KL of a random student starts near 3 nats. The student lowers it by
     moving its own digit rows the same way, a direction every sampled token agrees on, so the
     trend shows through the sampling noise of 16 rollouts a step."""
-    d = tmp_path_factory.mktemp("models")
-    tok = tiny_tokenizer()
-    digits = tok.convert_tokens_to_ids(list("0123456789"))
-    for name, seed in (("student", 0), ("teacher", 1)):
-        m = tiny_qwen3(vocab_size=len(tok), seed=seed)  # head_dim 32: vLLM's CPU attention rejects 16
+    def shift(name, model, tok):
         with torch.no_grad():
-            m.model.embed_tokens.weight.add_(0.1)
+            model.model.embed_tokens.weight.add_(0.1)
             if name == "teacher":
-                m.lm_head.weight[digits] += 0.1  # +~6 nats on each digit's logit
-        m.config.eos_token_id, m.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-        m.save_pretrained(d / name)
-        tok.save_pretrained(d / name)
-    (d / "data.jsonl").write_text("".join(json.dumps({"problem": f"What is {i} + {2 * i}?"}) + "\n"
-                                          for i in range(40)))
-    return d
+                model.lm_head.weight[tok.convert_tokens_to_ids(list("0123456789"))] += 0.1  # +~6 nats each
+
+    return write_tiny_run(tmp_path_factory.mktemp("models"), edit=shift)
 
 
 def train(models, out, sampler):
