@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -629,9 +630,20 @@ if is_main:
         import plots
         plots.training_plots(log_path, args.out)
     print0(f"done: {args.steps} steps, {total_flops:.3e} FLOP, {wall_seconds:.0f}s; see {args.out}")
+    if args.tensorboard:
+        tb.close()
+    if args.wandb:
+        wandb.finish()
 if ddp:
     dist.barrier()
 if args.sampler == "vllm" and args.rollouts_from == "student":
     sampler.close()  # first: under torchrun its teardown also destroys the process group (VLLMSampler.close)
 if ddp and dist.is_initialized():
     dist.destroy_process_group()
+if ddp:
+    # Every output is written and closed. Leave without the interpreter's teardown: destroying
+    # gloo's C++ threads there can, rarely, abort a finished run ("terminate called without an
+    # active exception", exit code -6), which torchrun reports as a failed job.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
