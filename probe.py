@@ -54,6 +54,7 @@ from tqdm import tqdm
 from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, grade, load_benchmark, load_hf_model,
                   max_new_tokens_for, user_turn)
 from sample import HFSampler, build_prompt
+from score import check_same_vocabulary
 
 TEACHER_SEED_OFFSET = 1  # the teacher samples with seed + 1: streams of its own (departure 2)
 PREFIXES = {"toy": [0, 8, 32, 64, 128]}  # default L list per benchmark (toy responses: 150-260 tokens)
@@ -69,17 +70,6 @@ def check_prefixes(prefixes: list[int], max_new_tokens: int) -> None:
     if bad:
         raise ValueError(f"prefix lengths must be >= 0 and < the response budget {max_new_tokens} (the student "
                          f"continues for budget - L tokens, at least one): got {bad}")
-
-
-def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student=None, teacher=None) -> None:
-    """The student continues the teacher's token ids: both must read them as the same tokens."""
-    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise ValueError(f"student and teacher have different vocabularies ({len(student_tokenizer)} vs "
-                         f"{len(teacher_tokenizer)} tokens): the student cannot continue the teacher's token ids")
-    if student is not None and teacher is not None:
-        rows = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-        if rows[0] != rows[1]:
-            raise ValueError(f"student and teacher output layers have different vocabulary sizes {rows}")
 
 
 # ----------------------------------------------------------------------------- the probe

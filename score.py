@@ -50,3 +50,15 @@ def token_logprobs(model, input_ids, attention_mask=None, chunk_size: int = 512)
         else:
             chunks.append(_chunk_logp(h, y, lm_head))
     return torch.cat(chunks).view(B, T - 1)
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student=None, teacher=None) -> None:
+    """The teacher scores the student's token ids (and in the probe the student continues the teacher's):
+    both must read them as the same tokens. Pass the models too to compare their output layers."""
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(f"student and teacher have different vocabularies ({len(student_tokenizer)} vs "
+                         f"{len(teacher_tokenizer)} tokens): token ids must mean the same to both")
+    if student is not None and teacher is not None:
+        rows = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+        if rows[0] != rows[1]:
+            raise ValueError(f"student and teacher output layers have different vocabulary sizes {rows}")

@@ -43,7 +43,7 @@ from flops import opd_flops
 from loss import gkd_loss, opd_loss, reverse_kl_stats
 from sample import HFSampler, build_prompt
 from schedule import check_window, prefix_length, token_mask
-from score import token_logprobs
+from score import check_same_vocabulary, token_logprobs
 
 # ----------------------------------------------------------------------------- presets
 # The single source of every preset-dependent default: a flag left unset takes its preset's value.
@@ -174,16 +174,17 @@ hf_logging.disable_progress_bar()  # one progress bar: ours
 
 tokenizer = AutoTokenizer.from_pretrained(args.student)
 teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():  # before any sampling: paper §8
-    raise SystemExit(f"error: student {args.student} and teacher {args.teacher} have different vocabularies "
-                     f"({len(tokenizer)} vs {len(teacher_tokenizer)} tokens); OPD scores the student's tokens "
-                     "with the teacher and needs one shared vocabulary")
+try:  # before any sampling (paper §8), then again once the output layers are loaded
+    check_same_vocabulary(tokenizer, teacher_tokenizer)
+except ValueError as e:
+    raise SystemExit(f"error: student {args.student}, teacher {args.teacher}: {e}")
 half = torch.bfloat16 if device.type == "cuda" else torch.float32
 student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).to(device)  # fp32 master weights
 teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=half).to(device).eval().requires_grad_(False)
-if student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
-    raise SystemExit("error: student and teacher output layers have different vocabulary sizes "
-                     f"({student.config.vocab_size} vs {teacher.config.vocab_size})")
+try:
+    check_same_vocabulary(tokenizer, teacher_tokenizer, student, teacher)
+except ValueError as e:
+    raise SystemExit(f"error: student {args.student}, teacher {args.teacher}: {e}")
 student.config.use_cache = False
 max_context = args.max_context or student.config.max_position_embeddings
 

@@ -14,8 +14,9 @@ import torch
 
 from conftest import ONE_THREAD_ENV, ROOT, tiny_qwen3, tiny_tokenizer
 from eval import evaluate, user_turn
-from probe import check_same_vocabulary, main, probe
+from probe import main, probe
 from sample import build_prompt, sample_hf
+from score import check_same_vocabulary
 
 PROBLEMS = [{"id": f"p{i}", "problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(8)]
 BUDGET, PREFIXES, SEED = 32, [0, 3, 10, 30], 5
