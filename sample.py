@@ -156,11 +156,26 @@ def _decode(model, rows, seeds, max_new_tokens, eos_ids, pad_token_id, temperatu
     return tokens.cpu(), logps.cpu(), lengths.tolist()
 
 
-class HFSampler:
-    """The trainer's own model samples: nothing to push, the weights are already current."""
+def default_backend(cuda: bool | None = None, vllm_installed: bool | None = None) -> str:
+    """'vllm' on a GPU when vLLM is installed (its paged KV cache and kernels are what make 16k-token
+    rollouts affordable), else 'hf'."""
+    import importlib.util
 
-    def __init__(self, model, tokenizer, *, temperature=1.0, top_p=1.0, batch_size=64):
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    vllm_installed = importlib.util.find_spec("vllm") is not None if vllm_installed is None else vllm_installed
+    return "vllm" if cuda and vllm_installed else "hf"
+
+
+class HFSampler:
+    """The trainer's own model samples: nothing to push, the weights are already current.
+
+    Batch size: `batch_size` rows per decode loop, or, when `kv_cache_bytes` is given, as many rows as
+    that KV-cache budget holds at this call's longest prompt + max_new_tokens (memory.hf_batch_size):
+    long rollouts get small batches instead of running out of memory, short ones large batches."""
+
+    def __init__(self, model, tokenizer, *, temperature=1.0, top_p=1.0, batch_size=64, kv_cache_bytes=None):
         self.model, self.temperature, self.top_p, self.batch_size = model, temperature, top_p, batch_size
+        self.kv_cache_bytes = kv_cache_bytes
         # Stop at the tokenizer's EOS and at the model's generation EOS ids (Qwen3: <|im_end|> and
         # <|endoftext|>), as vLLM does.
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -169,14 +184,28 @@ class HFSampler:
         self.eos_token_id = sorted({tokenizer.eos_token_id, *generation_eos})
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    def rows_per_batch(self, prompts, max_new_tokens) -> int:
+        if self.kv_cache_bytes is None:
+            return self.batch_size
+        import memory
+
+        dtype_bytes = next(self.model.parameters()).element_size()
+        rows = memory.hf_batch_size(memory.model_shape(self.model.config), max(map(len, prompts)) + max_new_tokens,
+                                    self.kv_cache_bytes, dtype_bytes)
+        if rows < 1:
+            raise ValueError(f"one rollout of {max(map(len, prompts)) + max_new_tokens} tokens needs more KV cache "
+                             f"than the {self.kv_cache_bytes / 1e9:.1f} GB budget")
+        return rows
+
     def generate(self, prompts, n, max_new_tokens, seed, prompt_indices=None) -> list[Rollout]:
+        batch_size = self.rows_per_batch(prompts, max_new_tokens)
         was_training = self.model.training
         self.model.eval()
         try:
             return sample_hf(self.model, prompts, n, max_new_tokens, eos_token_id=self.eos_token_id,
                              pad_token_id=self.pad_token_id, temperature=self.temperature,
                              top_p=self.top_p, seed=seed, prompt_indices=prompt_indices,
-                             batch_size=self.batch_size)
+                             batch_size=batch_size)
         finally:
             self.model.train(was_training)
 
@@ -291,11 +320,13 @@ class VLLMSampler:
                 for out, seq in zip(outputs, sequences)]
 
     @torch.no_grad()
-    def push_weights(self, state_dict):
-        """Copy the trainer's full (unsharded) weights into the engine in memory; no checkpoint on disk."""
-        # [(name, tensor)] in the checkpoint's naming. Keep lm_head.weight even when it is tied to
-        # the embeddings: on CPU, leaving it out leaves the engine's lm_head stale (measured).
-        weights = list(state_dict.items())
+    def push_weights(self, weights):
+        """Copy the trainer's weights into the engine in memory; no checkpoint on disk. `weights`: a
+        state dict or an iterable of (name, tensor), consumed once, in order (train.py streams them
+        one tensor at a time, gathered from the FSDP2 shards just before each is yielded)."""
+        # Checkpoint naming. Keep lm_head.weight even when it is tied to the embeddings: on CPU,
+        # leaving it out leaves the engine's lm_head stale (measured).
+        weights = iter(weights.items()) if isinstance(weights, dict) else iter(weights)
         if self.on_cpu:
             # vLLM's CPU backend repacks linear weights after loading (their `weight` becomes an
             # empty placeholder), so a plain load_weights cannot write into them. reload_weights

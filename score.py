@@ -62,3 +62,14 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student=None, te
         rows = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
         if rows[0] != rows[1]:
             raise ValueError(f"student and teacher output layers have different vocabulary sizes {rows}")
+
+
+def position_logits(model, input_ids, attention_mask, positions) -> torch.Tensor:
+    """Full next-token logits at chosen positions only: (B, T) ids, (B, C) positions -> (B, C, V).
+    GKD compares whole distributions; gathering the hidden states first keeps the prompt's positions
+    away from the lm_head, so the logits are those of the completion alone."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, C, H)
+    return model.get_output_embeddings()(picked)

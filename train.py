@@ -25,6 +25,7 @@ Departures from the paper:
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -39,26 +40,31 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
+import memory
 from flops import opd_flops
 from loss import gkd_loss, opd_loss, reverse_kl_stats
 from sample import HFSampler, build_prompt
 from schedule import check_window, prefix_length, token_mask
-from score import check_same_vocabulary, token_logprobs
+from score import check_same_vocabulary, position_logits, token_logprobs
 
 # ----------------------------------------------------------------------------- presets
 # The single source of every preset-dependent default: a flag left unset takes its preset's value.
 PRESETS = {
     "toy": dict(student="toy/student", teacher="toy/teacher", dataset="toy", prefix=64, prefix_step=32,
                 max_new_tokens=320, prompts_per_step=16, samples_per_prompt=4, lr=3e-4, steps=12,
-                micro_batch_tokens=16384, eval_problems=256, kl_bin=32),
+                micro_batch_tokens=16384, eval_problems=256, kl_bin=32, activation_checkpointing=False,
+                vllm_sleep=False),
     "qwen3-1.7b": dict(student="Qwen/Qwen3-1.7B-Base", teacher="Qwen/Qwen3-8B",
                        dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_step=0,
                        max_new_tokens=16384, prompts_per_step=512, samples_per_prompt=4, lr=5e-5, steps=60,
-                       micro_batch_tokens=4096, eval_problems=0, kl_bin=256),
+                       micro_batch_tokens=4096, eval_problems=0, kl_bin=256, activation_checkpointing=True,
+                       vllm_sleep=False),
     "qwen3-8b": dict(student="Qwen/Qwen3-8B-Base", teacher="Qwen/Qwen3-8B",
                      dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_step=0,
                      max_new_tokens=16384, prompts_per_step=512, samples_per_prompt=4, lr=5e-5, steps=60,
-                     micro_batch_tokens=16384, eval_problems=0, kl_bin=256),
+                     micro_batch_tokens=16384, eval_problems=0, kl_bin=256, activation_checkpointing=True,
+                     vllm_sleep=True),
 }
 
 parser = argparse.ArgumentParser(description="Prefix on-policy distillation (arXiv 2602.15260)")
@@ -103,15 +109,28 @@ g.add_argument("--save-every", type=int, default=10, help="checkpoint every N st
 g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
 g.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 (bf16 compute, activation "
                "checkpointing) instead of DDP: for students whose AdamW state does not fit one GPU")
-g.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in "
-               "backward: less memory for long prefixes (always on with --fsdp)")
-g.add_argument("--sampler", choices=["hf", "vllm"], default="hf", help="rollout engine")
-g.add_argument("--vllm-kv-cache-gb", type=float, default=None, help="vLLM KV-cache budget per rank, GiB")
+g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each "
+               "decoder layer in backward: less memory for long sequences (always on with --fsdp; preset default)")
+g.add_argument("--sampler", choices=["hf", "vllm"], default=None, help="rollout engine (default: vllm when it "
+               "is installed and CUDA is present, else hf)")
+g.add_argument("--vllm-kv-cache-gb", type=float, default=None, help="vLLM KV-cache budget per rank, GiB "
+               "(default: 10 on GPUs)")
+g.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, help="GPU only: free the vLLM engine's "
+               "weights and KV cache while the trainer scores and updates (preset default; on for qwen3-8b)")
 g.add_argument("--check-push", action="store_true", help="after every weight push, compare the sampler's "
                "log-probs of this step's first rollout with the trainer's; logs push_logp_max_diff")
 g.add_argument("--eval-problems", type=int, help="toy only: held-out problems graded before and after")
 g.add_argument("--kl-bin", type=int, help="tokens per position bin of the logged reverse KL (paper figures: 256)")
 g.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
+g = parser.add_argument_group("memory plan (memory.py)")
+g.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan, FLOP and projected hours, "
+               "then exit (0: fits, 1: does not); loads no weights")
+g.add_argument("--gpu-memory-gb", type=float, default=None, help="memory budget per GPU, GB (default: the "
+               "device's, or 80 without a GPU)")
+g.add_argument("--gpus", type=int, default=None, help="--dry-run: processes planned for (default: the "
+               "torchrun world size, else 8 for the Qwen3 presets and 1 for the toy)")
+g.add_argument("--prompt-tokens", type=int, default=512, help="--dry-run: the longest prompt the plan assumes, "
+               "tokens (a real run plans with its data's longest prompt)")
 g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in --out")
 g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
 args = parser.parse_args()
@@ -137,8 +156,8 @@ def print0(*a, **kw):
         print(*a, **kw, flush=True)
 
 
-if args.preset is None:
-    args.preset = "qwen3-1.7b" if torch.cuda.is_available() else "toy"
+if args.preset is None:  # a dry run plans a GPU run
+    args.preset = "qwen3-1.7b" if torch.cuda.is_available() or args.dry_run else "toy"
     print0(f"preset: {args.preset} ({'CUDA is available' if torch.cuda.is_available() else 'no GPU found'})")
 for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
@@ -159,6 +178,38 @@ if args.check_push and not (args.sampler == "vllm" and args.rollouts_from == "st
                      "--sampler vllm and the student's rollouts")
 if args.loss == "opd" and args.rollouts_from == "teacher":
     raise SystemExit("error: the OPD estimator needs the student's own rollouts; use --loss gkd or sft off-policy")
+sampler_given = args.sampler is not None
+if args.sampler is None:  # vLLM where it runs at its best; the transformers loop everywhere else
+    vllm_found = importlib.util.find_spec("vllm") is not None
+    args.sampler = "vllm" if vllm_found and (torch.cuda.is_available() or args.dry_run) else "hf"
+if args.vllm_sleep and not args.dry_run and not torch.cuda.is_available():
+    raise SystemExit("error: --vllm-sleep needs a GPU (vLLM's CPU backend cannot sleep); use --no-vllm-sleep")
+if args.gpu_memory_gb is None:
+    args.gpu_memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 80.0
+L_max = prefix_length(args.steps - 1, L_0, args.prefix_step, args.max_new_tokens)  # the run's longest L_train
+
+if args.dry_run:  # the plan for a GPU run of these flags, from the model shapes alone (memory.py, flops.py)
+    gpus = args.gpus or (world_size if ddp else 1 if args.preset == "toy" else 8)
+    context = dict(world_size=gpus, prompt_tokens=args.prompt_tokens, L_max=L_max, on_gpu=True)
+    memory_plan = memory.plan_run(args, **context)
+    rollouts = args.prompts_per_step * args.samples_per_prompt
+    step_flops = [opd_flops(args.student, args.teacher, [args.prompt_tokens + prefix_length(
+        k, L_0, args.prefix_step, args.max_new_tokens)] * rollouts) for k in range(args.steps)]
+    hours = sum(step_flops) / (gpus * memory.GPU_PEAK_FLOPS * memory.UTILISATION) / 3600
+    print0(f"dry run: {args.student} <- {args.teacher} on {gpus} GPU(s) of {args.gpu_memory_gb:.0f} GB, "
+           f"{'FSDP2' if args.fsdp else 'DDP'}, sampler {args.sampler}, L_train {L_0} + {args.prefix_step}/step "
+           f"up to {L_max}, prompts of <= {args.prompt_tokens} tokens\n\n{memory_plan.table()}\n")
+    print0(f"FLOP (App. B, every rollout reaching L_train): {step_flops[0]:.3e} at step 1, {sum(step_flops):.3e} "
+           f"for {args.steps} steps; {hours:.1f} h at {memory.UTILISATION:.0%} of {memory.GPU_PEAK_FLOPS / 1e12:.0f} "
+           f"TFLOP/s per GPU (an assumption, not a measurement)")
+    hint = None if memory_plan.fits else memory.fit_hint(args, **context)
+    if hint:
+        print0(f"does not fit; with {hint} it would")
+    print0(json.dumps({"fits": memory_plan.fits, "peak_gb": round(memory_plan.peak_gb, 2),
+                       "budget_gb": args.gpu_memory_gb, "gpus": gpus, "sampler": args.sampler,
+                       "hf_batch": memory_plan.hf_batch, "flops_step_1": step_flops[0],
+                       "flops_total": sum(step_flops), "hours": round(hours, 2), "fit_hint": hint}))
+    raise SystemExit(0 if memory_plan.fits else 1)
 torch.manual_seed(args.seed + rank)
 random.seed(args.seed)
 np.random.seed(args.seed)
@@ -179,7 +230,9 @@ try:  # before any sampling (paper §8), then again once the output layers are l
 except ValueError as e:
     raise SystemExit(f"error: student {args.student}, teacher {args.teacher}: {e}")
 half = torch.bfloat16 if device.type == "cuda" else torch.float32
-student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32).to(device)  # fp32 master weights
+student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)  # fp32 master weights
+if not args.fsdp:  # under FSDP2 it stays on the CPU: fully_shard moves only this rank's shard to the GPU
+    student = student.to(device)
 teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=half).to(device).eval().requires_grad_(False)
 try:
     check_same_vocabulary(tokenizer, teacher_tokenizer, student, teacher)
@@ -191,20 +244,7 @@ max_context = args.max_context or student.config.max_position_embeddings
 
 # ----------------------------------------------------------------------------- checkpoints
 ckpt_dir = args.out / "checkpoints"
-
-
-def latest_checkpoint() -> Path | None:
-    """The newest complete checkpoint: directories appear only by an atomic rename once complete."""
-    done = sorted(p for p in ckpt_dir.glob("step_*") if (p / "meta.json").exists()) if ckpt_dir.exists() else []
-    return done[-1] if done else None
-
-
-resume_from = latest_checkpoint() if args.resume else None
-if resume_from is not None:  # weights go in before any wrapping or sharding
-    from safetensors.torch import load_file
-    missing, unexpected = student.load_state_dict(load_file(resume_from / "model.safetensors"), strict=False)
-    if unexpected or any(k != "lm_head.weight" for k in missing):  # lm_head is absent when tied
-        raise SystemExit(f"error: checkpoint {resume_from} does not match the student ({missing + unexpected})")
+resume_from = checkpoint.latest(ckpt_dir) if args.resume else None  # loaded once the model is wrapped
 
 
 class LogProbs(torch.nn.Module):
@@ -215,10 +255,9 @@ class LogProbs(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, full_logits=False):
-        if full_logits:  # GKD needs the whole next-token distribution
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
+    def forward(self, input_ids, attention_mask, logits_at=None):
+        if logits_at is not None:  # GKD: the whole next-token distribution, at these positions only
+            return position_logits(self.lm, input_ids, attention_mask, logits_at)
         return token_logprobs(self.lm, input_ids, attention_mask)
 
 
@@ -227,8 +266,6 @@ if args.activation_checkpointing or args.fsdp:  # each decoder layer keeps only 
 model = LogProbs(student)
 raw_student = student  # the unwrapped HF model: for sampling, weight pushes and save_pretrained
 if args.fsdp:  # FSDP2: each decoder layer is a shard unit, the root holds embeddings, norm and lm_head
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world_size,))
@@ -237,84 +274,63 @@ if args.fsdp:  # FSDP2: each decoder layer is a shard unit, the root holds embed
     for layer in student.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed)
     fully_shard(model, mesh=mesh, mp_policy=mixed)
-elif ddp:
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+elif ddp:  # gradients live in DDP's all-reduce buckets: no second copy
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-
-
-def full_state_dict() -> dict:
-    """The student's unsharded weights (on every rank under FSDP: a collective call)."""
-    if args.fsdp:
-        return get_model_state_dict(raw_student, options=StateDictOptions(full_state_dict=True))
-    return raw_student.state_dict()
-
-
-def optimizer_state() -> dict:
-    """AdamW state as one full dict (gathered from the shards under FSDP: a collective call)."""
-    if args.fsdp:
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                 cpu_offload=True))
-    return optimizer.state_dict()
-
-
-def save_checkpoint(step: int, meta: dict):
-    """Write into a temporary directory, then rename: a crash never leaves a half-written step_* dir."""
-    weights, optim = full_state_dict(), optimizer_state()  # collectives: every rank takes part
-    if not is_main:
-        return
-    final, tmp = ckpt_dir / f"step_{step:06d}", ckpt_dir / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    raw_student.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optim, "torch_rng": torch.get_rng_state(), "step": step}, tmp / "trainer_state.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the dir complete
-    if final.exists():  # re-saving a step after a resume: swap, never delete the good one first
-        old = ckpt_dir / f".old_step_{step:06d}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
 start_step, total_flops, wall_before, meta = 0, 0.0, 0.0, {}
-if resume_from is not None:
-    trainer_state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-    if args.fsdp:
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=trainer_state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-    meta = json.loads((resume_from / "meta.json").read_text())
+if resume_from is not None:  # each rank reads its own shard of weights and AdamW state
+    meta = checkpoint.load(resume_from, model, optimizer)
     start_step, total_flops, wall_before = meta["step"], meta["total_flops"], meta["wall_seconds"]
     print0(f"resumed from {resume_from} at step {start_step}")
 
+
+def save_checkpoint(step: int, meta: dict):
+    checkpoint.save(ckpt_dir, step, model, optimizer, raw_student, tokenizer, meta, sharded=args.fsdp,
+                    is_main=is_main)
+
+
 # The sampler: with DDP and the transformers backend, the trainer's own module. Under FSDP the
 # parameters are sharded and rank-local decode loops (each rank stops at its own EOS) cannot
-# all-gather in step, so a full copy samples; vLLM holds its own copy. Copies receive the
-# student's full weights after every optimizer step.
-student_copy = AutoModelForCausalLM.from_pretrained(args.student, dtype=half).to(device).eval() if args.fsdp else None
+# all-gather in step, so a bf16 copy samples; vLLM holds its own copy. Copies receive the student's
+# weights after every optimizer step, streamed one tensor at a time.
+vllm_samples = args.sampler == "vllm" and args.rollouts_from == "student"
+student_copy = None
+if args.fsdp and not vllm_samples:
+    student_copy = AutoModelForCausalLM.from_pretrained(args.student, dtype=half).to(device).eval()
 eval_student = student_copy if args.fsdp else raw_student  # the toy evaluation runs on rank 0 alone
 if args.rollouts_from == "teacher":
     sampler = HFSampler(teacher, tokenizer, temperature=args.temperature, top_p=args.top_p)
-elif args.sampler == "vllm":
+elif vllm_samples:
     from sample import VLLMSampler
     sampler = VLLMSampler(args.student, seed=args.seed + rank, temperature=args.temperature, top_p=args.top_p,
                           kv_cache_gb=args.vllm_kv_cache_gb, dtype="bfloat16" if device.type == "cuda" else "float32",
-                          max_model_len=max_context)
+                          max_model_len=max_context, enable_sleep_mode=args.vllm_sleep)
 else:
     sampler = HFSampler(eval_student, tokenizer, temperature=args.temperature, top_p=args.top_p)
-needs_push = args.fsdp or (args.sampler == "vllm" and args.rollouts_from == "student")
+print0(f"sampler: {'vLLM' if vllm_samples else 'transformers'} ({args.sampler if args.rollouts_from == 'student' else 'hf'}"
+       f"{', the teacher samples' if args.rollouts_from == 'teacher' else ''}"
+       f"{'; the default: vLLM is installed and CUDA is present' if args.sampler == 'vllm' and not sampler_given else ''})")
+needs_push = student_copy is not None or vllm_samples
 
 
+def student_weights(dtype):
+    """(name, tensor) of the student's full weights, one at a time, cast to dtype. Under FSDP2 each is
+    all-gathered just before it is yielded and freed after: a collective, every rank iterates in step."""
+    for name, tensor in raw_student.state_dict().items():
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach().to(dtype)
+
+
+@torch.no_grad()
 def push_weights():
-    """Send the student's new weights to the copies that sample or evaluate (a collective under FSDP)."""
-    weights = full_state_dict()
+    """Send the student's new weights to the copy that samples (a collective under FSDP)."""
     if student_copy is not None:
-        student_copy.load_state_dict(weights)
-    if args.sampler == "vllm" and args.rollouts_from == "student":
-        sampler.push_weights(weights)
+        copy_state = student_copy.state_dict()
+        for name, tensor in student_weights(half):
+            copy_state[name].copy_(tensor)
+    if vllm_samples:
+        sampler.push_weights(student_weights(torch.bfloat16 if device.type == "cuda" else torch.float32))
 
 
 if needs_push and resume_from is not None:
@@ -383,6 +399,19 @@ print0(f"per step: {args.prompts_per_step} prompts x {args.samples_per_prompt} =
        f"<= {rollouts_per_step * L_now} response tokens at L_train={L_now} "
        f"(schedule: {L_0} + {args.prefix_step}/step, cap {args.max_new_tokens}); "
        f"<= {flops_now:.3g} FLOP at that L (App. B)")
+# The memory plan at this data's longest prompt (memory.py): on a GPU, stop now, not at an OOM an hour in.
+plan_context = dict(world_size=world_size, prompt_tokens=max(map(len, prompts)), L_max=L_max,
+                    on_gpu=device.type == "cuda")
+memory_plan = memory.plan_run(args, **plan_context)
+if device.type == "cuda":
+    print0(f"memory plan: peak {memory_plan.peak_gb:.1f} of {args.gpu_memory_gb:.0f} GB per GPU "
+           f"(the table: the same command with --dry-run)")
+    if not memory_plan.fits:
+        hint = memory.fit_hint(args, **plan_context)
+        raise SystemExit(f"error: this run needs {memory_plan.peak_gb:.0f} GB per GPU, more than "
+                         f"--gpu-memory-gb {args.gpu_memory_gb:.0f}; " + (f"add {hint}" if hint else "no single flag fixes it"))
+    if isinstance(sampler, HFSampler):
+        sampler.kv_cache_bytes = memory_plan.hf_kv_cache_bytes  # the batch fills what the plan leaves
 
 
 # ----------------------------------------------------------------------------- helpers of the loop
@@ -399,13 +428,64 @@ def pad_rollouts(rollouts):
     return ids.to(device), attn.to(device), starts.to(device), lengths.to(device)
 
 
+def completion_index(starts, C, T):
+    """(B, C) positions whose next-token prediction is a completion token (clamped inside the row)."""
+    index = starts[:, None] - 1 + torch.arange(C, device=starts.device)[None, :]
+    return index.clamp(max=T - 2)
+
+
 def completion_part(per_position, starts, C):
-    """(B, T-1, ...) per-position values -> (B, C, ...) values at the completion tokens."""
-    index = (starts[:, None] - 1 + torch.arange(C, device=starts.device)[None, :])  # position predicting token
-    index = index.clamp(max=per_position.shape[1] - 1)
-    if per_position.dim() == 3:
-        return per_position.gather(1, index[..., None].expand(-1, -1, per_position.shape[-1]))
-    return per_position.gather(1, index)
+    """(B, T-1) per-position values -> (B, C) values at the completion tokens."""
+    return per_position.gather(1, completion_index(starts, C, per_position.shape[1] + 1))
+
+
+def prepare(group):
+    """One micro-batch: padded ids, the completion's mask and its sampler log-probs, and (but for GKD,
+    which scores inside the update) the teacher's log-prob of every sampled token."""
+    ids, attn, starts, lengths = pad_rollouts(group)
+    C = int(lengths.max())
+    mask = token_mask(lengths, C, tuple(args.window) if args.window else None, args.last_n)
+    sampler_logp = torch.zeros(len(group), C, device=device)
+    for b, r in enumerate(group):
+        sampler_logp[b, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp)
+    teacher_logp = None
+    if args.loss != "gkd":
+        with torch.no_grad(), autocast:
+            teacher_logp = completion_part(token_logprobs(teacher, ids, attn), starts, C).float()
+    return dict(ids=ids, attn=attn, starts=starts, C=C, mask=mask, sampler_logp=sampler_logp, teacher_logp=teacher_logp)
+
+
+def same_count_on_every_rank(batches):
+    """Pad with zero-weight copies of the last micro-batch (mask 0: no loss, no gradient, no statistics)
+    up to the largest count over ranks. Under FSDP2 every student forward and backward is a collective,
+    so a rank with fewer micro-batches would leave the others waiting forever."""
+    count = torch.tensor(len(batches), device=device)
+    if ddp:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return batches + [batches[-1] | {"mask": torch.zeros_like(batches[-1]["mask"])}] * (int(count) - len(batches))
+
+
+def objective(batch, num_sequences):
+    """(loss, ratio, log pi_theta, log pi_T) of one micro-batch under --loss; the two log-probs are of
+    the sampled tokens, (B, C)."""
+    ids, attn, starts, C, mask = (batch[k] for k in ("ids", "attn", "starts", "C", "mask"))
+    if args.loss == "gkd":  # full distributions at the completion positions, this micro-batch only
+        at = completion_index(starts, C, ids.shape[1])
+        with torch.no_grad():
+            teacher_logits = position_logits(teacher, ids, attn, at)  # (B, C, V)
+        student_logits = model(ids, attn, logits_at=at)  # (B, C, V)
+        loss = gkd_loss(student_logits, teacher_logits, mask, num_sequences, beta=args.beta)
+        targets = completion_part(ids[:, 1:], starts, C)[..., None]  # (B, C, 1) the sampled tokens
+        student_logp, teacher_logp = (torch.log_softmax(x.float(), -1).gather(-1, targets).squeeze(-1)
+                                      for x in (student_logits, teacher_logits))
+        return loss, torch.ones_like(mask), student_logp, teacher_logp
+    student_logp = completion_part(model(ids, attn), starts, C)
+    if args.loss == "opd":
+        loss, ratio = opd_loss(student_logp, batch["sampler_logp"], batch["teacher_logp"], mask, num_sequences,
+                               gamma=args.gamma, ratio_cap=args.ratio_cap)
+    else:  # sft on the sampled tokens (SeqKD when the teacher samples)
+        loss, ratio = -(student_logp * mask).sum() / num_sequences, torch.ones_like(mask)
+    return loss, ratio, student_logp, batch["teacher_logp"]
 
 
 def micro_batches(rollouts, budget):
@@ -451,7 +531,9 @@ if is_main and args.wandb:
 eval_set, acc = [], dict(meta.get("toy_acc_before", {}))
 if acc.get("eval_problems") != args.eval_problems:
     acc = {}
-if args.dataset == "toy" and args.eval_problems and (resume_from is None or acc):
+if eval_student is None and args.dataset == "toy" and args.eval_problems:
+    print0("toy evaluation skipped: under --fsdp with vLLM sampling there is no unsharded student to evaluate")
+elif args.dataset == "toy" and args.eval_problems and (resume_from is None or acc):
     import eval as evaluation
     import toy
     eval_set = toy.make_problems(args.eval_problems, seed=args.seed, split="test")
@@ -480,56 +562,29 @@ for step in bar:
     rollouts = sampler.generate([prompts[i] for i in indices], args.samples_per_prompt, L_train,
                                 args.seed, prompt_indices=global_ids)  # seeded per (step, prompt, sample)
     num_sequences = len(rollouts)  # same on every rank; DDP's mean over ranks makes it the global mean
+    if args.vllm_sleep:
+        sampler.sleep()  # weights to the CPU, KV cache dropped: the trainer gets the memory
     t_sample = time.time() - t0
 
-    # 3. score: the teacher's log-prob (or logits, for GKD) of every sampled token
+    # 3. score: the teacher's log-prob of every sampled token, one micro-batch at a time
     t0 = time.time()
-    batches = []
-    with torch.no_grad():
-        for group in micro_batches(rollouts, args.micro_batch_tokens):
-            ids, attn, starts, lengths = pad_rollouts(group)
-            C = int(lengths.max())
-            mask = token_mask(lengths, C, tuple(args.window) if args.window else None, args.last_n)
-            sampler_logp = torch.zeros(len(group), C, device=device)
-            for b, r in enumerate(group):
-                sampler_logp[b, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp)
-            with autocast:
-                if args.loss == "gkd":
-                    teacher_part = completion_part(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1], starts, C)
-                    targets = completion_part(ids[:, 1:], starts, C)  # (B, C) the sampled tokens
-                    teacher_logp = torch.log_softmax(teacher_part.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-                else:
-                    teacher_logp = teacher_part = completion_part(token_logprobs(teacher, ids, attn), starts, C)
-            batches.append((ids, attn, starts, C, mask, sampler_logp, teacher_part, teacher_logp.float()))
+    batches = same_count_on_every_rank([prepare(group) for group in micro_batches(rollouts, args.micro_batch_tokens)])
     t_score = time.time() - t0
 
-    # 4. loss and update: micro-batches accumulate gradients; DDP syncs only on the last one
+    # 4. loss and update: micro-batches accumulate gradients; DDP syncs only on the last one, FSDP2
+    #    reduce-scatters each one's (so no rank ever holds the whole model's fp32 gradient)
     t0 = time.time()
     loss_sum, kl_sum, tokens, ratio_sum, above_cap = (torch.zeros((), device=device) for _ in range(5))
     ratio_max = torch.zeros((), device=device)
     n_bins = (L_train + args.kl_bin - 1) // args.kl_bin
     bin_sums, bin_counts = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
     model.train()
-    for i, (ids, attn, starts, C, mask, sampler_logp, teacher_part, teacher_logp) in enumerate(batches):
-        last = i == len(batches) - 1
-        if args.fsdp:
-            model.set_requires_gradient_sync(last)  # FSDP's no_sync: reduce-scatter once, on the last
-        sync = model.no_sync() if ddp and not args.fsdp and not last else contextlib.nullcontext()
+    for i, batch in enumerate(batches):
+        sync = model.no_sync() if ddp and not args.fsdp and i < len(batches) - 1 else contextlib.nullcontext()
         with sync, autocast:
-            if args.loss == "opd":
-                student_logp = completion_part(model(ids, attn), starts, C)
-                loss, ratio = opd_loss(student_logp, sampler_logp, teacher_logp, mask, num_sequences,
-                                       gamma=args.gamma, ratio_cap=args.ratio_cap)
-            elif args.loss == "gkd":
-                student_logits = completion_part(model(ids, attn, full_logits=True), starts, C)
-                loss = gkd_loss(student_logits, teacher_part, mask, num_sequences, beta=args.beta)
-                targets = completion_part(ids[:, 1:], starts, C)  # (B, C) the sampled tokens
-                student_logp = torch.log_softmax(student_logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-                ratio = torch.ones_like(mask)
-            else:  # sft on the sampled tokens (SeqKD when the teacher samples)
-                student_logp = completion_part(model(ids, attn), starts, C)
-                loss, ratio = -(student_logp * mask).sum() / num_sequences, torch.ones_like(mask)
+            loss, ratio, student_logp, teacher_logp = objective(batch, num_sequences)
             loss.backward()
+        mask = batch["mask"]
         # log pi_theta - log pi_T on the sampled tokens: the reverse KL on the student's own rollouts
         kl, n_tokens, kl_bins, count_bins = reverse_kl_stats(student_logp.detach(), teacher_logp, mask, args.kl_bin, n_bins)
         loss_sum += loss.detach() * num_sequences
@@ -549,6 +604,8 @@ for step in bar:
     else:
         bad_steps += 1
     optimizer.zero_grad(set_to_none=True)
+    if args.vllm_sleep:
+        sampler.wake_up()
     if needs_push:
         push_weights()  # on-policy: the next rollouts come from the updated student
     t_update = time.time() - t0
@@ -556,8 +613,9 @@ for step in bar:
     if args.check_push:  # did the push land? the engine and the trainer score the same fixed tokens
         sequence = rollouts[0].prompt_ids + rollouts[0].completion_ids  # this step's first rollout on this rank
         sequence = sequence[:max_context - 1]  # vLLM needs room to generate one token after a scored sequence
-        with torch.no_grad():  # eval_student: the full, unsharded student, also under FSDP
-            trainer_logp = token_logprobs(eval_student, torch.tensor([sequence], device=device))[0]  # (T-1,)
+        with torch.no_grad(), autocast:  # the trainer's student (a collective under FSDP)
+            ids = torch.tensor([sequence], device=device)
+            trainer_logp = model(ids, torch.ones_like(ids))[0]  # (T-1,)
         engine_logp = torch.tensor(sampler.score([sequence])[0], device=device)  # (T-1,)
         diff = (engine_logp - trainer_logp).abs().max()
         if ddp:
@@ -600,7 +658,7 @@ for step in bar:
             tqdm.write(f"step {step + 1}: non-finite gradient norm ({float(grad_norm)}), update skipped")
     if bad_steps >= args.max_bad_steps:
         raise SystemExit(f"error: {bad_steps} steps in a row with a non-finite loss or gradient; the last "
-                         f"checkpoint ({latest_checkpoint()}) is intact")
+                         f"checkpoint ({checkpoint.latest(ckpt_dir)}) is intact")
 
     # 6. checkpoint
     if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
