@@ -65,7 +65,8 @@ def save(ckpt_dir: Path, step: int, model, optimizer, hf_model, tokenizer, meta:
         tokenizer.save_pretrained(tmp)
     del weights
     model_state, optim_state = get_state_dict(model, optimizer)  # sharded under FSDP2: no gather
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "trainer")
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "trainer",
+             no_dist=not dist.is_initialized())
     _barrier()  # every rank's shard is on disk before the directory is marked complete
     if is_main:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the dir complete
@@ -84,6 +85,6 @@ def load(path: Path, model, optimizer) -> dict:
     reading only its own shard; returns meta.json. A collective: every rank calls it."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path / "trainer")
+    dcp.load(state, checkpoint_id=path / "trainer", no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / "meta.json").read_text())

@@ -28,9 +28,10 @@ bytes of saved tensors (torch.autograd.graph.saved_tensors_hooks) of transformer
 CPU in float32 (tests/test_memory.py repeats it), a decoder layer keeps about
     6h + 4I + 4 q_dim + 4 kv_dim elements per token          (q_dim = heads x head_dim, kv_dim = kv_heads x head_dim)
 (the residual stream and RMSNorm internals, 6h; the SwiGLU MLP's gate, up, act and product, 4I; q, k,
-v and the attention output, their norms and rotary copies, ~4 each), plus ~3h outside the layers. With
+v and the attention output, their norms and rotary copies, ~4 each), plus ~3h outside the layers. The
+backward starts with score.py's chunk of logits, whose recomputation and gradient are transient. With
 activation checkpointing a layer keeps only its input (h per token), and the backward recomputes one
-layer at a time, so one layer's full activations are added back. On GPUs, under bf16 autocast, the
+layer at a time: the peak adds the larger of that layer's activations and the chunk of logits. On GPUs, under bf16 autocast, the
 matmul inputs and outputs (the 4I + 4q + 4kv part) are bf16 and the residual stream (6h) stays
 float32: that is the byte count used there.
 
@@ -97,21 +98,23 @@ def layer_activation_bytes(shape: dict, on_gpu: bool) -> int:
 
 
 def activation_bytes(shape: dict, tokens: int, checkpointing: bool, on_gpu: bool) -> int:
-    """Bytes autograd keeps for a forward over `tokens` tokens, at the peak of the backward."""
+    """Bytes a student forward + backward over `tokens` tokens holds at its peak: what autograd
+    stores, plus the larger of the backward's two transients, score.py's chunk of logits (first in
+    the backward) and, with checkpointing, the one layer being recomputed."""
     L, h = shape["num_hidden_layers"], shape["hidden_size"]
     outside = 3 * h * 4  # embeddings output, final norm, the hidden states handed to score.py
+    layer = layer_activation_bytes(shape, on_gpu)
+    logits = logits_chunk_bytes(shape, with_grad=True)
     if checkpointing:  # each layer keeps its input; the backward recomputes one layer at a time
-        per_token = L * h * 4 + layer_activation_bytes(shape, on_gpu) + outside
-    else:
-        per_token = L * layer_activation_bytes(shape, on_gpu) + outside
-    return tokens * per_token
+        return tokens * (L * h * 4 + outside) + max(logits, tokens * layer)
+    return tokens * (L * layer + outside) + logits
 
 
 def logits_chunk_bytes(shape: dict, with_grad: bool, positions: int = SCORE_CHUNK) -> int:
     """score.py's one chunk of logits: the lm_head output, its float32 copy and logsumexp's
-    temporary; with grad, the recomputation in backward and the float32 gradient as well."""
-    per_entry = 2 + 4 + 4 + (4 + 4 if with_grad else 0)
-    return positions * shape["vocab_size"] * per_entry
+    temporary (~10 bytes an entry); with grad, its recomputation in backward and the gradients
+    (~18 bytes an entry, measured on CPU: tests/test_memory.py)."""
+    return positions * shape["vocab_size"] * (18 if with_grad else 10)
 
 
 def gkd_logits_bytes(shape: dict, tokens: int, beta: float, on_gpu: bool) -> int:
@@ -201,13 +204,12 @@ def plan(student, teacher, *, world_size: int, fsdp: bool, sampler: str, loss: s
     p.add("gradients (fp32)", "update", 4 * local, how + ("; reduce-scattered every micro-batch" if fsdp else ""))
     p.add(f"activations, {mb_tokens:,} tokens", "update",
           activation_bytes(S, mb_tokens, activation_checkpointing or fsdp, on_gpu),
-          "checkpointed layers" if activation_checkpointing or fsdp else "no activation checkpointing")
+          ("checkpointed layers" if activation_checkpointing or fsdp else "no activation checkpointing")
+          + f"; with a {SCORE_CHUNK}-position chunk of logits")
     if loss == "gkd":  # logits of the completion positions of one micro-batch
         completion = max(1, mb_tokens // longest) * L_max
         p.add("GKD full-vocabulary logits", "update", gkd_logits_bytes(S, completion, beta, on_gpu),
               f"{completion:,} completion positions")
-    else:
-        p.add("one chunk of logits + grad", "update", logits_chunk_bytes(S, True), f"{SCORE_CHUNK} positions")
     if fsdp:
         h, V = S["hidden_size"], S["vocab_size"]
         layer = (num_params(S) - V * h * (1 if S["tied"] else 2) - h) // S["num_hidden_layers"]

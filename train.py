@@ -458,11 +458,13 @@ def prepare(group):
 def same_count_on_every_rank(batches):
     """Pad with zero-weight copies of the last micro-batch (mask 0: no loss, no gradient, no statistics)
     up to the largest count over ranks. Under FSDP2 every student forward and backward is a collective,
-    so a rank with fewer micro-batches would leave the others waiting forever."""
-    count = torch.tensor(len(batches), device=device)
-    if ddp:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return batches + [batches[-1] | {"mask": torch.zeros_like(batches[-1]["mask"])}] * (int(count) - len(batches))
+    so a rank with fewer micro-batches would leave the others waiting forever. Returns the padded
+    list and every rank's own count."""
+    counts = torch.zeros(world_size, dtype=torch.long, device=device)
+    counts[rank] = len(batches)
+    counts = all_sum(counts).tolist()
+    zero_weight = batches[-1] | {"mask": torch.zeros_like(batches[-1]["mask"])}
+    return batches + [zero_weight] * (max(counts) - len(batches)), counts
 
 
 def objective(batch, num_sequences):
@@ -568,7 +570,8 @@ for step in bar:
 
     # 3. score: the teacher's log-prob of every sampled token, one micro-batch at a time
     t0 = time.time()
-    batches = same_count_on_every_rank([prepare(group) for group in micro_batches(rollouts, args.micro_batch_tokens)])
+    batches, micro_batch_counts = same_count_on_every_rank(
+        [prepare(group) for group in micro_batches(rollouts, args.micro_batch_tokens)])
     t_score = time.time() - t0
 
     # 4. loss and update: micro-batches accumulate gradients; DDP syncs only on the last one, FSDP2
@@ -642,7 +645,7 @@ for step in bar:
         "ratio_mean": ratio_sum / max(tokens, 1), "ratio_max": ratio_max.item(),
         "ratio_above_cap": above_cap / max(tokens, 1) if args.ratio_cap else None,
         "kl_bin": args.kl_bin, "reverse_kl_by_position": [round((s / c).item(), 5) if c > 0 else None for s, c in zip(bin_sums, bin_counts)],
-        "prompts_skipped": prompts_skipped, "flops": step_flops, "total_flops": total_flops,
+        "prompts_skipped": prompts_skipped, "micro_batches": micro_batch_counts, "flops": step_flops, "total_flops": total_flops,
         "time_sample": t_sample, "time_score": t_score, "time_update": t_update,
         "push_logp_max_diff": push_logp_max_diff,
         "wall_seconds": wall_before + time.time() - t_start,
