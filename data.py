@@ -11,6 +11,12 @@ What it computes:
      OpenThoughts3 rows hold `conversations`, a list of {"from", "value"} turns: x = the first
      "human" turn, y* = the "gpt" turn after it (QwQ-32B's answer). Any other dataset needs a
      `problem` column, and y* is its `response` or `solution` column when it has one.
+- Off-policy rollouts from y* (`reference_rollouts`): the response's tokens cut at L_train, in the
+  `sample.Rollout` layout, so SeqKD (SFT on y*, paper App. C) and off-policy GKD (lambda = 0, §5.3)
+  train on them like on sampled rollouts: y* and its end-of-turn token, cut after L_train tokens.
+- The lambda mix of GKD (Agarwal et al. 2024; TRL's `lmbda`), `on_policy_prompts`: each prompt's
+  rollouts come from the student with probability lambda, else from y*, decided by a hash of
+  (seed, step, global prompt index): the same on every rank and for every split of a batch.
 - The evaluation benchmarks (MATH-500, AIME 2024/2025, GPQA-Diamond, MMLU-Pro, GSM8K) from the hub
   or from local JSONL files, as problems {id, problem, answer} (multiple choice adds `choices`, a
   list, and `answer` is then a letter). eval.py grades them (its departure 1: the MMLU-Pro subset and
@@ -20,15 +26,29 @@ Departures from the paper, and choices it leaves open:
 1. y* is the text that follows the prompt's `<think>\\n` (sample.build_prompt ends every prompt there):
    a leading `<think>` in the dataset's response (OpenThoughts3's start with it) is dropped, so the
    tokens the student trains on continue its prompt rather than open a second think block.
+2. A reference rollout ends with the end-of-turn token (`<|im_end|>` when the vocabulary has it, else
+   EOS) when it is not truncated, as a sampled rollout ends with the EOS it stopped on. Truncated means
+   more than L_train tokens, that token included: a response of exactly L_train tokens loses its
+   end-of-turn, as a rollout sampled with max_new_tokens = L_train would.
+3. The reference rollout's sampler log-probs are NaN: the dataset does not hold the log-probs of the
+   model that wrote y* (QwQ-32B). SFT uses only the tokens and GKD the student's and teacher's
+   logits; the OPD estimator needs log q and must not run on them, and NaN makes any such use show.
+4. The dataset's one response stands for all n samples of its prompt (n copies): the global batch
+   keeps n rollouts per prompt whichever source the lambda mix picks, so the loss normalisation
+   (loss.py: per sequence of the global batch) does not depend on lambda.
 """
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from sample import Rollout
+
 TOY_TRAIN_PROBLEMS = 20000  # toy train problems when num_questions is not given (a toy run sees a few hundred)
+END_OF_TURN = "<|im_end|>"  # Qwen3's chat turn terminator: how the teacher ends an answer
 THINK = "<think>"
 # speaker names of ShareGPT-style `conversations` (OpenThoughts3 writes "human" and "gpt")
 USER_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
@@ -123,6 +143,59 @@ def after_think(response: str | None) -> str | None:
         return response
     rest = response.lstrip()[len(THINK):]
     return rest[1:] if rest.startswith("\n") else rest
+
+
+# ----------------------------------------------------------------------------- reference rollouts
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token a reference response ends with: `<|im_end|>` in a ChatML vocabulary, else EOS."""
+    return tokenizer.get_vocab().get(END_OF_TURN, tokenizer.eos_token_id)
+
+
+def response_ids(tokenizer, response: str | None) -> list[int] | None:
+    """Token ids of a reference response, without special tokens and without its end (added later)."""
+    return None if response is None else tokenizer(response, add_special_tokens=False)["input_ids"]
+
+
+def reference_rollouts(prompts: list[list[int]], responses: list[list[int] | None], n: int, L_train: int,
+                       end_id: int, prompt_indices: list[int]) -> list[Rollout]:
+    """What sampler.generate returns, from the dataset: n copies (prompt-major, departure 4) of each
+    response's first L_train tokens, followed by `end_id` when the whole response fits."""
+    if len(prompts) != len(responses) or len(prompts) != len(prompt_indices):
+        raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses, {len(prompt_indices)} indices")
+    if L_train < 1:
+        raise ValueError(f"L_train must be >= 1, got {L_train}")
+    rollouts = []
+    for prompt, ids, index in zip(prompts, responses, prompt_indices):
+        if ids is None:
+            raise ValueError(f"prompt {index} has no reference response to train on")
+        completion = ids + [end_id]  # the full response ends its turn
+        truncated = len(completion) > L_train
+        completion = completion[:L_train]
+        for _ in range(n):
+            rollouts.append(Rollout(prompt_ids=list(prompt), completion_ids=list(completion),
+                                    sampler_logp=[float("nan")] * len(completion),  # unknown q (departure 3)
+                                    truncated=truncated, prompt_index=index))
+    return rollouts
+
+
+# ----------------------------------------------------------------------------- the lambda mix
+
+
+def on_policy_prompts(prompt_indices: list[int], lmbda: float, seed: int, step: int) -> list[bool]:
+    """Per prompt: True = the student samples its rollouts (probability lmbda), False = the dataset's.
+
+    A uniform u from sha256 of (seed, step, global prompt index) decides, u < lmbda: the same answer
+    on every rank, whichever rank holds the prompt; lmbda = 0 is all False, lmbda = 1 all True."""
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lambda (the on-policy fraction) must be in [0, 1], got {lmbda}")
+    picks = []
+    for index in prompt_indices:
+        digest = hashlib.sha256(f"lmbda/{seed}/{step}/{index}".encode()).digest()
+        u = int.from_bytes(digest[:8], "little") / 2**64  # in [0, 1)
+        picks.append(u < lmbda)
+    return picks
 
 
 # ----------------------------------------------------------------------------- evaluation benchmarks

@@ -1,5 +1,5 @@
 """data.py: the hub loaders on fixture files in each dataset's real schema, read through the same
-`datasets` calls as on the hub; local JSONL errors.
+`datasets` calls as on the hub; local JSONL errors; reference rollouts cut at L_train; the lambda mix.
 
 How the hub path runs offline: `route_hub` replaces datasets.load_dataset by a function that
 receives the loader's call unchanged (hub name, config, split=, streaming=) and answers it with the
@@ -10,14 +10,18 @@ the parquet shards lazily), and the test sees the arguments the hub would have s
 """
 
 import json
+import math
+import types
 
 import datasets
 import pytest
 from datasets import Dataset, Features, List, Value
 
 import toy
-from data import (HUB_BENCHMARKS, TOY_TRAIN_PROBLEMS, Example, gpqa_problem, load_benchmark_hub, load_examples,
-                  load_jsonl, mmlu_pro_sample)
+from data import (END_OF_TURN, HUB_BENCHMARKS, TOY_TRAIN_PROBLEMS, Example, end_of_turn_id, gpqa_problem,
+                  load_benchmark_hub, load_examples, load_jsonl, mmlu_pro_sample, on_policy_prompts,
+                  reference_rollouts, response_ids)
+from sample import build_prompt
 
 OPENTHOUGHTS3 = "open-thoughts/OpenThoughts3-1.2M"
 REAL_LOAD_DATASET = datasets.load_dataset
@@ -169,6 +173,84 @@ def test_local_jsonl_stops_reading_at_num_questions_and_missing_files_are_named(
         load_examples("toy", num_questions=0)
 
 
+# ----------------------------------------------------------------------------- reference rollouts
+
+
+def test_reference_rollouts_are_cut_at_exactly_L_train_and_end_their_turn_when_whole(tokenizer):
+    response = "Two plus two is four.\n\\boxed{4}"
+    ids = response_ids(tokenizer, response)
+    end = end_of_turn_id(tokenizer)
+    assert end == tokenizer.convert_tokens_to_ids(END_OF_TURN) and len(ids) == len(response)  # one token a char
+    prompt = build_prompt(tokenizer, "2+2?")
+    for L in range(1, len(ids) + 4):
+        out = reference_rollouts([prompt, prompt[:5]], [ids, ids[:3]], 3, L, end, [10, 11])
+        assert [r.prompt_index for r in out] == [10, 10, 10, 11, 11, 11]  # prompt-major, n copies
+        for r, full in zip(out, [ids] * 3 + [ids[:3]] * 3):
+            assert r.truncated == (len(full) + 1 > L)  # the whole response and its end do not fit
+            assert len(r.completion_ids) == (L if r.truncated else len(full) + 1)
+            assert r.completion_ids == (full + [end])[:L]
+            assert (r.completion_ids[-1] == end) == (not r.truncated)
+            assert len(r.sampler_logp) == len(r.completion_ids) and all(math.isnan(x) for x in r.sampler_logp)
+        assert tokenizer.decode(out[0].completion_ids, skip_special_tokens=True) == response[:L]
+
+
+def test_toy_reference_rollouts_are_exactly_the_toys_sft_rows():
+    """Uncut, a toy reference rollout is prompt + solution + EOS: what toy.sft_batch trains on."""
+    tok = toy.make_tokenizer()
+    examples = load_examples("toy", num_questions=8)
+    prompts = [build_prompt(tok, e.problem) for e in examples]
+    out = reference_rollouts(prompts, [response_ids(tok, e.response) for e in examples], 1, toy.MAX_NEW_TOKENS,
+                             end_of_turn_id(tok), list(range(8)))
+    input_ids, attention_mask, labels = toy.sft_batch(tok, [{"problem": e.problem, "solution": e.response}
+                                                            for e in examples])
+    for b, r in enumerate(out):
+        n = int(attention_mask[b].sum())
+        assert r.prompt_ids + r.completion_ids == input_ids[b, :n].tolist() and not r.truncated
+        assert r.completion_ids == labels[b, len(r.prompt_ids):n].tolist()  # the tokens SFT trains on
+
+
+def test_end_of_turn_falls_back_to_eos_and_missing_responses_are_refused():
+    plain = types.SimpleNamespace(get_vocab=lambda: {"a": 0, "</s>": 1}, eos_token_id=1)
+    assert end_of_turn_id(plain) == 1
+    assert response_ids(plain, None) is None
+    with pytest.raises(ValueError, match="prompt 5 has no reference response"):
+        reference_rollouts([[1, 2]], [None], 1, 8, 1, [5])
+
+
+# ----------------------------------------------------------------------------- the lambda mix
+
+
+@pytest.mark.parametrize("lmbda", [0.1, 0.5, 0.9])
+def test_on_policy_fraction_is_lambda_within_a_few_standard_errors(lmbda):
+    n = 20_000
+    picks = on_policy_prompts(range(n), lmbda, seed=0, step=3)
+    standard_error = math.sqrt(lmbda * (1 - lmbda) / n)
+    assert abs(sum(picks) / n - lmbda) < 4 * standard_error
+    # a fresh draw every step and seed: two steps agree on about lmbda^2 + (1 - lmbda)^2 of the prompts
+    other = on_policy_prompts(range(n), lmbda, seed=0, step=4)
+    agree = lmbda ** 2 + (1 - lmbda) ** 2
+    assert abs(sum(a == b for a, b in zip(picks, other)) / n - agree) < 4 * math.sqrt(agree * (1 - agree) / n)
+    assert on_policy_prompts(range(n), lmbda, seed=1, step=3) != picks
+
+
+def test_lambda_zero_and_one_are_pure_and_invalid_lambdas_are_refused():
+    assert on_policy_prompts(range(1000), 0.0, seed=0, step=0) == [False] * 1000
+    assert on_policy_prompts(range(1000), 1.0, seed=0, step=0) == [True] * 1000
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="lambda"):
+            on_policy_prompts([0], bad, seed=0, step=0)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+def test_lambda_mix_is_the_same_whatever_the_rank_split(world_size):
+    global_ids = list(range(100, 164))  # one step's global prompt indices
+    whole = dict(zip(global_ids, on_policy_prompts(global_ids, 0.5, seed=7, step=2)))
+    for rank in range(world_size):
+        mine = global_ids[rank::world_size]
+        assert on_policy_prompts(mine, 0.5, seed=7, step=2) == [whole[i] for i in mine]
+    assert 0 < sum(whole.values()) < len(whole)
+
+
 # ----------------------------------------------------------------------------- evaluation benchmarks
 # Each fixture holds the columns and types of the dataset on the hub, from its card's dataset_info:
 #   MATH-500 (HuggingFaceH4/MATH-500, test): problem, solution, answer, subject (string), level (int64),
@@ -242,13 +324,15 @@ def test_benchmark_hub_loaders_on_fixtures_in_the_hub_schema(monkeypatch, tmp_pa
         [(path, config, split, None) for path, config, split in HUB_BENCHMARKS.values()]  # whole, not streamed
     assert got["math500"] == [{"id": r["unique_id"], "problem": r["problem"], "answer": r["answer"]}
                               for r in rows["math500"]]
-    assert got["aime24"] == [{"id": str(r["id"]), "problem": r["problem"], "answer": r["answer"]} for r in rows["aime24"]]
+    assert got["aime24"] == [{"id": str(r["id"]), "problem": r["problem"], "answer": r["answer"]}
+                             for r in rows["aime24"]]
     assert got["aime24"][0]["answer"] == "000"  # a string column: leading zeros kept
     assert got["aime25"] == [{"id": str(k), "problem": r["problem"], "answer": r["answer"]}
                              for k, r in enumerate(rows["aime25"])]
     for r, p in zip(rows["gpqa"], got["gpqa"]):  # read back from CSV: commas, newlines and quotes intact
         assert p["id"] == r["Record ID"] and p["problem"] == r["Question"].strip()
-        assert sorted(p["choices"]) == sorted(x.strip() for x in [r["Correct Answer"], "w1", "w2, with a comma", '"w3"'])
+        options = [r["Correct Answer"], r["Incorrect Answer 1"], r["Incorrect Answer 2"], r["Incorrect Answer 3"]]
+        assert sorted(p["choices"]) == sorted(options)
         assert p["choices"]["ABCD".index(p["answer"])] == r["Correct Answer"]
     assert got["mmlu_pro"] == [{"id": str(r["question_id"]), "problem": r["question"], "choices": r["options"],
                                 "answer": r["answer"]} for r in rows["mmlu_pro"]]
