@@ -105,8 +105,8 @@ def load_jsonl(path: Path, num_questions: int | None = None) -> list[Example]:
 
 
 def load_hub(name: str, num_questions: int | None = None) -> list[Example]:
-    """The first `num_questions` rows of a hub dataset's train split, streamed: nothing past them is
-    downloaded. Rows with `conversations` (OpenThoughts3) or with a `problem` column."""
+    """The first `num_questions` rows of a hub dataset's train split, streamed: only the shards that
+    hold them are opened. Rows with `conversations` (OpenThoughts3) or with a `problem` column."""
     from datasets import load_dataset  # only the hub path needs it
 
     rows = load_dataset(name, split="train", streaming=True)  # an IterableDataset: rows arrive as read
