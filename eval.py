@@ -45,7 +45,6 @@ Departures from the paper, and choices it leaves open:
 import argparse
 import gc
 import json
-import random
 import re
 import threading
 import time
@@ -56,6 +55,7 @@ from math_verify import LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
+from data import load_benchmark_hub, load_benchmark_local
 from sample import BOXED_INSTRUCTION, HFSampler, build_prompt
 from toy import extract_boxed  # the one \boxed{} reader: the toy task grades through it too
 
@@ -70,7 +70,6 @@ MAX_ANSWER_CHARS = 1000  # the longest MATH500 gold answer has 53 characters
 GRADE_TIMEOUT_S = 3  # per math-verify parse or comparison (whole seconds: it uses signal.alarm)
 LETTERS = "ABCDEFGHIJ"  # MMLU-Pro has up to 10 choices
 CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of your final answer within \\boxed{}."
-MMLU_PRO_N, MMLU_PRO_SEED = 500, 0
 BATCH_SIZE = {"hf": 64, "vllm": 4096}  # rollouts per generate call; vLLM schedules its own batches
 TOY_N, TOY_SEED = 256, 0  # the toy test set (toy.make_problems) of train.py's toy preset
 
@@ -132,67 +131,7 @@ def grade(problem: dict, response: str) -> bool:
 
 # ----------------------------------------------------------------------------- benchmarks
 # A problem is {id, problem, answer}; multiple choice adds `choices` (a list) and `answer` is a letter.
-
-LOCAL_FILES = {"math500": "math500.jsonl", "aime24": "aime24.jsonl", "aime25": "aime25.jsonl",
-               "gpqa": "gpqa_diamond.jsonl", "mmlu_pro": "mmlu_pro.jsonl", "gsm8k": "gsm8k_test.jsonl"}
-
-
-def gpqa_problem(row: dict) -> dict:
-    """A GPQA row (correct answer stored first) as a problem with its choices shuffled by question id."""
-    options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
-    order = list(range(4))
-    random.Random(f"gpqa/{row['Record ID']}").shuffle(order)  # str seeds are hashed with sha512: stable across runs
-    return {"id": row["Record ID"], "problem": row["Question"].strip(),
-            "choices": [options[i].strip() for i in order], "answer": LETTERS[order.index(0)]}
-
-
-def mmlu_pro_sample(problems: list[dict]) -> list[dict]:
-    """The fixed 500-question subset of MMLU-Pro's test split (departure 1), in dataset order."""
-    if len(problems) <= MMLU_PRO_N:
-        return problems
-    keep = sorted(random.Random(MMLU_PRO_SEED).sample(range(len(problems)), MMLU_PRO_N))
-    return [problems[i] for i in keep]
-
-
-def load_hub(name: str) -> list[dict]:
-    """The benchmark from the Hugging Face hub (needs network and the `datasets` package)."""
-    from datasets import load_dataset  # only the online path needs it
-
-    if name == "math500":
-        rows = load_dataset("HuggingFaceH4/MATH-500", split="test")
-        return [{"id": r["unique_id"], "problem": r["problem"], "answer": r["answer"]} for r in rows]
-    if name == "aime24":
-        rows = load_dataset("HuggingFaceH4/aime_2024", split="train")
-        return [{"id": str(r.get("id", i)), "problem": r["problem"], "answer": str(r["answer"])}
-                for i, r in enumerate(rows)]
-    if name == "aime25":
-        rows = load_dataset("yentinglin/aime_2025", split="train")
-        return [{"id": str(r.get("id", i)), "problem": r["problem"], "answer": str(r["answer"])}
-                for i, r in enumerate(rows)]
-    if name == "gpqa":  # gated: accept the terms on the dataset page and set HF_TOKEN
-        return [gpqa_problem(r) for r in load_dataset("Idavidrein/gpqa", "gpqa_diamond", split="train")]
-    if name == "mmlu_pro":
-        rows = load_dataset("TIGER-Lab/MMLU-Pro", split="test")
-        return mmlu_pro_sample([{"id": str(r["question_id"]), "problem": r["question"],
-                                 "choices": list(r["options"]), "answer": r["answer"]} for r in rows])
-    if name == "gsm8k":  # the gold answer follows "####"; thousands separators dropped
-        rows = load_dataset("openai/gsm8k", "main", split="test")
-        return [{"id": f"gsm8k-test-{i}", "problem": r["question"],
-                 "answer": r["answer"].split("####")[-1].strip().replace(",", "")} for i, r in enumerate(rows)]
-    raise ValueError(f"unknown benchmark {name!r}; choose from {list(K_DEFAULT)}")
-
-
-def load_local(name: str, data_dir: Path) -> list[dict]:
-    """The benchmark from DATA_DIR/NAME.jsonl (or its LOCAL_FILES name): fields id, problem, answer[, choices]."""
-    candidates = [data_dir / LOCAL_FILES.get(name, f"{name}.jsonl"), data_dir / f"{name}.jsonl"]
-    path = next((p for p in candidates if p.exists()), None)
-    if path is None:
-        raise FileNotFoundError(f"no {name} data in {data_dir}: looked for {', '.join(p.name for p in candidates)}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    problems = [{key: r[key] for key in ("id", "problem", "answer", "choices") if key in r} for r in rows]
-    for p in problems:
-        p["id"], p["answer"] = str(p["id"]), str(p["answer"])
-    return mmlu_pro_sample(problems) if name == "mmlu_pro" else problems
+# data.py reads them from the hub or from local JSONL files.
 
 
 def load_benchmark(name: str, data_dir=None, limit=None, toy_n=TOY_N, toy_seed=TOY_SEED) -> list[dict]:
@@ -200,9 +139,9 @@ def load_benchmark(name: str, data_dir=None, limit=None, toy_n=TOY_N, toy_seed=T
         import toy
         problems = toy.make_problems(toy_n, toy_seed, split="test")
     elif data_dir is not None:
-        problems = load_local(name, Path(data_dir))
+        problems = load_benchmark_local(name, Path(data_dir))
     else:
-        problems = load_hub(name)
+        problems = load_benchmark_hub(name)
     return problems[:limit] if limit else problems
 
 

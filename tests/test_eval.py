@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import ONE_THREAD_ENV, ROOT, tiny_qwen3, tiny_tokenizer
-from eval import (GRADE_TIMEOUT_S, equivalent, evaluate, extract_choice, gpqa_problem, grade, grade_choice,
-                  grade_math, load_benchmark, main, mmlu_pro_sample)
+from eval import (GRADE_TIMEOUT_S, equivalent, evaluate, extract_choice, grade, grade_choice, grade_math,
+                  load_benchmark, main)
 from sample import build_prompt
 
 DATA_DIR = Path(os.environ.get("OPD_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -154,25 +154,6 @@ def test_malformed_output_is_wrong_not_a_crash_or_hang(name):
 
 
 # ----------------------------------------------------------------------------- benchmark rows
-
-
-def test_gpqa_choices_shuffled_by_question_and_answer_letter_follows():
-    rows = [{"Record ID": f"rec{i}", "Question": f" Q{i}? ", "Correct Answer": f"right{i}",
-             "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"} for i in range(200)]
-    problems = [gpqa_problem(r) for r in rows]
-    for r, p in zip(rows, problems):
-        assert sorted(p["choices"]) == sorted([r["Correct Answer"], "w1", "w2", "w3"])
-        assert p["choices"]["ABCD".index(p["answer"])] == r["Correct Answer"]
-        assert p == gpqa_problem(r) and p["problem"] == r["Question"].strip()
-    counts = {letter: sum(p["answer"] == letter for p in problems) for letter in "ABCD"}
-    assert all(25 <= c <= 75 for c in counts.values()), counts  # about 50 each, not always A
-
-
-def test_mmlu_pro_sample_is_fixed():
-    problems = [{"id": str(i)} for i in range(12_000)]
-    a, b = mmlu_pro_sample(problems), mmlu_pro_sample(list(problems))
-    assert a == b and len(a) == 500 and len({p["id"] for p in a}) == 500
-    assert [int(p["id"]) for p in a] == sorted(int(p["id"]) for p in a)  # dataset order kept
 
 
 def test_toy_grading_agrees_with_toy_is_correct():
