@@ -182,3 +182,18 @@ def test_activation_checkpointing_changes_memory_not_results(models, tmp_path):
     run(train_args(models, tmp_path / "plain"))
     run(train_args(models, tmp_path / "ckpt", activation_checkpointing=True))
     assert max_diff(params(tmp_path / "plain", 2), params(tmp_path / "ckpt", 2)) < 1e-6
+
+
+@pytest.mark.parametrize("loss", ["opd", "gkd", "sft"])
+def test_fsdp2_with_unequal_micro_batch_counts_finishes_and_equals_ddp(models, tmp_path, loss):
+    """Ranks pack their own rollouts into micro-batches, so their counts differ; under FSDP2 every
+    forward and backward is a collective, and a rank with fewer would leave the other waiting forever.
+    The shorter rank runs zero-weight micro-batches instead: same student as DDP."""
+    data = tmp_path / "uneven.jsonl"  # prompts of very different lengths: uneven packing
+    data.write_text("".join(json.dumps({"problem": "x" * (3 + 37 * i % 90)}) + "\n" for i in range(40)))
+    flags = dict(micro_batch_tokens=300, loss=loss, prefix=12, prefix_step=0, max_new_tokens=12, dataset=data)
+    run(train_args(models, tmp_path / "ddp", **flags), nproc=2)
+    run(train_args(models, tmp_path / "fsdp", fsdp=True, **flags), nproc=2)
+    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert any(len(set(r["micro_batches"])) > 1 for r in rows), [r["micro_batches"] for r in rows]
+    assert max_diff(params(tmp_path / "ddp", 2), params(tmp_path / "fsdp", 2)) < 1e-5
