@@ -202,10 +202,10 @@ def plan(student, teacher, *, world_size: int, fsdp: bool, sampler: str, loss: s
     mb_tokens = max(micro_batch_tokens, longest)  # a micro-batch holds at least one whole sequence
     # update
     p.add("gradients (fp32)", "update", 4 * local, how + ("; reduce-scattered every micro-batch" if fsdp else ""))
-    p.add(f"activations, {mb_tokens:,} tokens", "update",
+    p.add("activations of one micro-batch", "update",
           activation_bytes(S, mb_tokens, activation_checkpointing or fsdp, on_gpu),
-          ("checkpointed layers" if activation_checkpointing or fsdp else "no activation checkpointing")
-          + f"; with a {SCORE_CHUNK}-position chunk of logits")
+          f"{mb_tokens:,} tokens, " + ("checkpointed layers" if activation_checkpointing or fsdp else
+                                       "no activation checkpointing") + f", {SCORE_CHUNK}-position chunk of logits")
     if loss == "gkd":  # logits of the completion positions of one micro-batch
         completion = max(1, mb_tokens // longest) * L_max
         p.add("GKD full-vocabulary logits", "update", gkd_logits_bytes(S, completion, beta, on_gpu),
@@ -264,3 +264,43 @@ def fit_hint(args, **context) -> str | None:
         if plan_run(args, **context, **change).fits:
             return hint
     return None
+
+
+# The setups of the README's memory table: train.py flags (paper §4-5, on 8 x 80 GB)
+README_SETUPS = {
+    "1.7B, L_train 1024": "--prefix 1024",
+    "1.7B, linear schedule": "--prefix 1 --prefix-step 256",
+    "1.7B, full OPD": "--prefix 0",
+    "1.7B, GKD at 256": "--loss gkd --prefix 256 --samples-per-prompt 1",
+    "8B FSDP2, L_train 1024": "--preset qwen3-8b --fsdp --sampler vllm --prefix 1024",
+    "8B FSDP2, full OPD": "--preset qwen3-8b --fsdp --sampler vllm --prefix 0",
+    "8B DDP, L_train 1024": "--preset qwen3-8b --prefix 1024",
+}
+
+
+def readme_table(python: str = "python") -> str:
+    """The README's memory table: `train.py --dry-run` of each README_SETUPS entry, GB per GPU."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    results = {}
+    for name, flags in README_SETUPS.items():
+        out = subprocess.run([python, str(Path(__file__).with_name("train.py")), "--dry-run", "--sampler", "vllm",
+                              *flags.split()], capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "",
+                              "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    parts = list(dict.fromkeys(p for r in results.values() for p in r["parts"]))
+    lines = ["| GB per GPU | " + " | ".join(results) + " |", "| --- |" + " ---: |" * len(results)]
+    for part in parts:
+        lines.append(f"| {part} | " + " | ".join(f"{r['parts'][part]:.1f}" if part in r["parts"] else ""
+                                                  for r in results.values()) + " |")
+    lines.append("| **peak** | " + " | ".join(f"**{r['peak_gb']:.1f}**" for r in results.values()) + " |")
+    lines.append("| fits 80 GB | " + " | ".join("yes" if r["fits"] else f"no: {r['fit_hint']}"
+                                                for r in results.values()) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    print(readme_table(sys.executable))

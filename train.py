@@ -208,7 +208,8 @@ if args.dry_run:  # the plan for a GPU run of these flags, from the model shapes
     print0(json.dumps({"fits": memory_plan.fits, "peak_gb": round(memory_plan.peak_gb, 2),
                        "budget_gb": args.gpu_memory_gb, "gpus": gpus, "sampler": args.sampler,
                        "hf_batch": memory_plan.hf_batch, "flops_step_1": step_flops[0],
-                       "flops_total": sum(step_flops), "hours": round(hours, 2), "fit_hint": hint}))
+                       "flops_total": sum(step_flops), "hours": round(hours, 2), "fit_hint": hint,
+                       "parts": {f"{part} [{phase}]": round(b / 1e9, 2) for part, phase, b, _ in memory_plan.rows}}))
     raise SystemExit(0 if memory_plan.fits else 1)
 torch.manual_seed(args.seed + rank)
 random.seed(args.seed)

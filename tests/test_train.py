@@ -197,3 +197,40 @@ def test_fsdp2_with_unequal_micro_batch_counts_finishes_and_equals_ddp(models, t
     rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     assert any(len(set(r["micro_batches"])) > 1 for r in rows), [r["micro_batches"] for r in rows]
     assert max_diff(params(tmp_path / "ddp", 2), params(tmp_path / "fsdp", 2)) < 1e-5
+
+
+def peak_rss_of(flags):
+    """Run train.py and return its peak resident memory in bytes (the child's own ru_maxrss)."""
+    env = ENV | {"MALLOC_MMAP_THRESHOLD_": "65536"}  # large blocks go back to the OS when freed
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + flags, cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-3000:]
+    return usage.ru_maxrss * 1024
+
+
+def test_gkd_peak_memory_does_not_grow_with_the_number_of_micro_batches(tmp_path):
+    """GKD computes the teacher's full-vocabulary logits inside the update, one micro-batch at a time:
+    8 micro-batches peak where 1 does, not 8 times higher."""
+    import memory
+    tok = tiny_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):  # a 65,536-token output layer: big logits
+        m = tiny_qwen3(vocab_size=65536, seed=seed)
+        m.config.eos_token_id, m.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"problem": f"What is {i} + {i}?"}) + "\n"
+                                                 for i in range(8)))
+    models = tmp_path
+    prompt = 120  # tokens of these prompts, about; 4 rollouts of prompt + 16 per micro-batch
+    common = dict(loss="gkd", prefix=16, prefix_step=0, max_new_tokens=16, samples_per_prompt=4, steps=1,
+                  micro_batch_tokens=4 * (prompt + 16 + 4))
+    one = peak_rss_of(train_args(models, tmp_path / "one", prompts_per_step=1, **common))
+    eight = peak_rss_of(train_args(models, tmp_path / "eight", prompts_per_step=8, **common))
+    rows = [json.loads(line) for line in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["micro_batches"] == [8]
+    one_micro_batch = memory.gkd_logits_bytes(memory.model_shape(tiny_qwen3(vocab_size=65536).config), 4 * 16,
+                                              0.5, on_gpu=False)
+    print(f"peak RSS: {one / 1e6:.0f} MB at 1 micro-batch, {eight / 1e6:.0f} MB at 8; one micro-batch of GKD "
+          f"logits {one_micro_batch / 1e6:.0f} MB")
+    assert eight - one < 0.5 * one_micro_batch  # keeping them all would add 7 x one_micro_batch
