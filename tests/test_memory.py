@@ -240,3 +240,7 @@ def test_plan_phases_add_up_to_the_peak():
     assert plan.peak_bytes == plan.phase_bytes("resident") + max(phases)
     assert plan.phase_bytes("resident") + sum(phases) == sum(b for _, _, b, _ in plan.rows)
     assert math.isclose(plan.peak_gb, plan.peak_bytes / 1e9)
+
+
+def test_readme_memory_table_is_the_output_of_memory_py():
+    assert memory.readme_table(sys.executable) in (ROOT / "README.md").read_text()
