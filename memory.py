@@ -224,8 +224,8 @@ def plan(student, teacher, *, world_size: int, fsdp: bool, sampler: str, loss: s
     # push / save: one tensor at a time
     largest = max(math.prod(s) for s in param_shapes(S))
     p.add("largest tensor gathered + cast", "push/save", (4 + half) * largest, "weights stream tensor by tensor")
-    # sample (transformers backend): what is left is the KV budget
-    if not vllm:
+    # sample (transformers backend): what is left is the KV budget; dataset responses need no sampling
+    if not vllm and rollouts_from != "dataset":
         model = T if rollouts_from == "teacher" else S
         dtype_bytes = half if (fsdp or rollouts_from == "teacher") else 4  # DDP samples with the fp32 master
         p.hf_kv_cache_bytes = 0.9 * (gpu_memory_gb * GB - p.phase_bytes("resident"))
@@ -243,6 +243,8 @@ PLAN_FLAGS = ("fsdp", "sampler", "loss", "beta", "rollouts_from", "micro_batch_t
 def plan_run(args, *, world_size: int, prompt_tokens: int, L_max: int, on_gpu: bool, **changes) -> Plan:
     """plan() for train.py's parsed flags; `changes` override flags (used by fit_hint)."""
     flags = {k: getattr(args, k) for k in PLAN_FLAGS} | changes
+    if getattr(args, "lmbda", None):  # the student samples a share of the prompts: plan for its sampler
+        flags["rollouts_from"] = "student"
     return plan(args.student, args.teacher, world_size=world_size, prompt_tokens=prompt_tokens, L_max=L_max,
                 gpu_memory_gb=args.gpu_memory_gb, on_gpu=on_gpu, **flags)
 

@@ -41,11 +41,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
+import data
+import klprobe
 import memory
 from flops import opd_flops
 from loss import gkd_loss, opd_loss, reverse_kl_stats
 from sample import HFSampler, build_prompt
-from schedule import check_window, prefix_length, token_mask
+from schedule import AdaptivePrefix, check_window, prefix_length, token_mask
 from score import check_same_vocabulary, position_logits, token_logprobs
 
 # ----------------------------------------------------------------------------- presets
@@ -73,21 +75,35 @@ g = parser.add_argument_group("models")
 g.add_argument("--student", help="student: hub name or local dir (trained, samples the rollouts)")
 g.add_argument("--teacher", help="teacher: hub name or local dir (fixed, scores the rollouts); same vocabulary")
 g = parser.add_argument_group("data")
-g.add_argument("--dataset", help="'toy', a Hugging Face dataset name, or a local JSONL with a 'problem' field")
+g.add_argument("--dataset", help="'toy', a Hugging Face dataset name, or a local JSONL with a 'problem' field "
+               "(and a 'response' for --rollouts-from dataset)")
+g.add_argument("--num-questions", type=int, default=None, help="use the first N questions of the dataset "
+               "(hub datasets are streamed: only those rows are read; paper: 30,700 of OpenThoughts3)")
 g.add_argument("--max-context", type=int, default=None, help="tokens of prompt + response a model may see "
                "(default: the student's max_position_embeddings); longer prompts are skipped and counted")
 g = parser.add_argument_group("prefix")
 g.add_argument("--prefix", type=int, help="L_train at step 0, in tokens; 0 = full OPD up to --max-new-tokens")
 g.add_argument("--prefix-step", type=int, help="delta_L: tokens added to L_train after every step (0 = fixed)")
 g.add_argument("--max-new-tokens", type=int, help="L_max: the cap on L_train and on full OPD (paper: 16384)")
+g.add_argument("--adaptive", action="store_true", help="grow L_train by --prefix-step only when the KL says the "
+               "prefix is learnt (schedule.AdaptivePrefix: a plateau, or --kl-probe finds the KL beyond it higher)")
+g.add_argument("--adaptive-window", type=int, default=2, help="adaptive: steps per window of the plateau rule "
+               "(and the fewest steps at one L_train)")
+g.add_argument("--adaptive-min-decrease", type=float, default=0.05, help="adaptive: grow when the prefix KL fell "
+               "by less than this fraction from one window to the next")
+g.add_argument("--adaptive-kl-ratio", type=float, default=1.0, help="adaptive: grow when the probe's KL inside the "
+               "prefix is <= this times its KL over the next --prefix-step positions")
 g.add_argument("--window", type=int, nargs=2, metavar=("A", "B"), default=None,
                help="train only on response tokens A <= t < B (paper Table 3 ablation)")
 g.add_argument("--last-n", type=int, default=None, help="train only on each rollout's last N tokens (Table 3)")
 g = parser.add_argument_group("objective")
 g.add_argument("--loss", choices=["opd", "gkd", "sft"], default="opd",
                help="opd: sampled reverse KL (Eq. 1); gkd: full-vocabulary generalized JSD; sft: SeqKD NLL")
-g.add_argument("--rollouts-from", choices=["student", "teacher"], default="student",
-               help="who samples: student = on-policy; teacher = off-policy (SeqKD, off-policy GKD)")
+g.add_argument("--rollouts-from", choices=["student", "teacher", "dataset"], default="student",
+               help="who writes the rollouts: student = on-policy; teacher = its samples; dataset = the "
+               "dataset's reference responses cut at L_train (SeqKD: --loss sft; off-policy GKD)")
+g.add_argument("--lmbda", type=float, default=None, help="GKD's lambda: each prompt's rollouts come from the "
+               "student with this probability, else from --rollouts-from (teacher or dataset)")
 g.add_argument("--beta", type=float, default=0.5, help="GKD beta: 0 forward KL(T||S), 1 reverse KL(S||T)")
 g.add_argument("--gamma", type=float, default=0.0, help="discount over future per-token advantages (paper: 0)")
 g.add_argument("--ratio-cap", type=float, default=None, help="truncate importance ratios at this value (off)")
@@ -121,6 +137,10 @@ g.add_argument("--check-push", action="store_true", help="after every weight pus
                "log-probs of this step's first rollout with the trainer's; logs push_logp_max_diff")
 g.add_argument("--eval-problems", type=int, help="toy only: held-out problems graded before and after")
 g.add_argument("--kl-bin", type=int, help="tokens per position bin of the logged reverse KL (paper figures: 256)")
+g.add_argument("--kl-probe-every", type=int, default=0, help="every N steps, sample full-length rollouts of a fixed "
+               "probe set and log their reverse KL by position over the whole response (0: off; evaluation "
+               "FLOP, left out of total_flops)")
+g.add_argument("--kl-probe-prompts", type=int, default=16, help="prompts in the KL probe set (one rollout each)")
 g.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
 g = parser.add_argument_group("memory plan (memory.py)")
 g.add_argument("--dry-run", action="store_true", help="print the per-GPU memory plan, FLOP and projected hours, "
@@ -168,16 +188,21 @@ if args.preset == "toy" and args.student == "toy/student":
 args.out = Path(args.out or f"runs/{args.preset}")
 L_0 = args.prefix if args.prefix > 0 else args.max_new_tokens  # --prefix 0: full OPD
 check_window(tuple(args.window) if args.window else None, args.last_n)
+if args.adaptive and args.prefix_step < 1:
+    raise SystemExit("error: --adaptive grows L_train by --prefix-step tokens: give --prefix-step >= 1")
 if L_0 < 1 or args.max_new_tokens < 1:
     raise SystemExit(f"error: L_train must be >= 1 token (got --prefix {args.prefix}, --max-new-tokens "
                      f"{args.max_new_tokens})")
 if args.prompts_per_step % world_size:
     raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide evenly over {world_size} ranks")
-if args.check_push and not (args.sampler == "vllm" and args.rollouts_from == "student"):
+if args.check_push and not (args.sampler == "vllm" and args.rollouts_from == "student" and args.lmbda is None):
     raise SystemExit("error: --check-push compares a separate sampling engine with the trainer: it needs "
                      "--sampler vllm and the student's rollouts")
-if args.loss == "opd" and args.rollouts_from == "teacher":
+if args.loss == "opd" and (args.rollouts_from != "student" or args.lmbda is not None):
     raise SystemExit("error: the OPD estimator needs the student's own rollouts; use --loss gkd or sft off-policy")
+if args.lmbda is not None and (args.rollouts_from == "student" or not 0 <= args.lmbda <= 1):
+    raise SystemExit("error: --lmbda p in [0, 1] mixes the student's rollouts with --rollouts-from teacher or dataset")
+student_samples = args.rollouts_from == "student" or bool(args.lmbda)  # is the student ever sampled?
 sampler_given = args.sampler is not None
 if args.sampler is None:  # vLLM where it runs at its best; the transformers loop everywhere else
     vllm_found = importlib.util.find_spec("vllm") is not None
@@ -283,6 +308,13 @@ if resume_from is not None:  # each rank reads its own shard of weights and Adam
     meta = checkpoint.load(resume_from, model, optimizer)
     start_step, total_flops, wall_before = meta["step"], meta["total_flops"], meta["wall_seconds"]
     print0(f"resumed from {resume_from} at step {start_step}")
+adaptive = None
+if args.adaptive:  # schedule.py: L_train grows when the KL signal says the prefix is learnt
+    adaptive = AdaptivePrefix(L_0, args.prefix_step, args.max_new_tokens, min_steps=args.adaptive_window,
+                              window=args.adaptive_window, min_rel_decrease=args.adaptive_min_decrease,
+                              kl_ratio=args.adaptive_kl_ratio)
+    if "adaptive" in meta:
+        adaptive.load_state_dict(meta["adaptive"])
 
 
 def save_checkpoint(step: int, meta: dict):
@@ -294,23 +326,24 @@ def save_checkpoint(step: int, meta: dict):
 # parameters are sharded and rank-local decode loops (each rank stops at its own EOS) cannot
 # all-gather in step, so a bf16 copy samples; vLLM holds its own copy. Copies receive the student's
 # weights after every optimizer step, streamed one tensor at a time.
-vllm_samples = args.sampler == "vllm" and args.rollouts_from == "student"
+vllm_samples = args.sampler == "vllm" and student_samples
 student_copy = None
 if args.fsdp and not vllm_samples:
     student_copy = AutoModelForCausalLM.from_pretrained(args.student, dtype=half).to(device).eval()
 eval_student = student_copy if args.fsdp else raw_student  # the toy evaluation runs on rank 0 alone
-if args.rollouts_from == "teacher":
-    sampler = HFSampler(teacher, tokenizer, temperature=args.temperature, top_p=args.top_p)
-elif vllm_samples:
+teacher_sampler = HFSampler(teacher, tokenizer, temperature=args.temperature, top_p=args.top_p) \
+    if args.rollouts_from == "teacher" else None
+if vllm_samples:
     from sample import VLLMSampler
     sampler = VLLMSampler(args.student, seed=args.seed + rank, temperature=args.temperature, top_p=args.top_p,
                           kv_cache_gb=args.vllm_kv_cache_gb, dtype="bfloat16" if device.type == "cuda" else "float32",
                           max_model_len=max_context, enable_sleep_mode=args.vllm_sleep)
 else:
     sampler = HFSampler(eval_student, tokenizer, temperature=args.temperature, top_p=args.top_p)
-print0(f"sampler: {'vLLM' if vllm_samples else 'transformers'} ({args.sampler if args.rollouts_from == 'student' else 'hf'}"
-       f"{', the teacher samples' if args.rollouts_from == 'teacher' else ''}"
-       f"{'; the default: vLLM is installed and CUDA is present' if args.sampler == 'vllm' and not sampler_given else ''})")
+print0(f"sampler: the student's rollouts from {'vLLM' if vllm_samples else 'transformers'}"
+       f"{' (the default: vLLM is installed and CUDA is present)' if vllm_samples and not sampler_given else ''}"
+       + ("" if args.rollouts_from == "student" else f"; off-policy rollouts from the {args.rollouts_from}"
+          + (f" for a share 1 - {args.lmbda:g} of the prompts" if args.lmbda is not None else "")))
 needs_push = student_copy is not None or vllm_samples
 
 
@@ -339,45 +372,21 @@ if needs_push and resume_from is not None:
 
 
 # ----------------------------------------------------------------------------- data
-def load_problems(name: str) -> list[str]:
-    """Problem texts from 'toy', a local JSONL ('problem' field) or a Hugging Face dataset."""
-    if name == "toy":
-        import toy
-        return [p["problem"] for p in toy.make_problems(20000, seed=args.seed, split="train")]
-    path = Path(name)
-    if path.suffix in (".jsonl", ".json") or path.exists():
-        if not path.is_file():
-            raise SystemExit(f"error: dataset file {path} does not exist")
-        problems = []
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path} line {line_no} is not valid JSON ({e.msg})")
-            if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not row["problem"].strip():
-                raise SystemExit(f"error: {path} line {line_no} has no non-empty string field 'problem'")
-            problems.append(row["problem"])
-        if not problems:
-            raise SystemExit(f"error: {path} holds no problems")
-        return problems
-    from datasets import load_dataset
-    rows = load_dataset(name, split="train")
-    if "problem" in rows.column_names:
-        return list(rows["problem"])
-    if "conversations" in rows.column_names:  # OpenThoughts3: the question is the first human turn
-        return [c[0]["value"] for c in rows["conversations"]]
-    raise SystemExit(f"error: dataset {name} has neither a 'problem' nor a 'conversations' column")
-
-
-problems = load_problems(args.dataset)
-prompts = [build_prompt(tokenizer, p) for p in problems]
+try:  # problems, and the reference responses of --rollouts-from dataset (data.py)
+    examples = data.load_examples(args.dataset, seed=args.seed, num_questions=args.num_questions)
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
+prompts = [build_prompt(tokenizer, e.problem) for e in examples]
 fits = [len(p) + args.max_new_tokens <= max_context for p in prompts]
 prompts_skipped = fits.count(False)  # longer than the context: never sampled, counted in the log
-prompts = [p for p, ok in zip(prompts, fits) if ok]
+examples, prompts = [e for e, ok in zip(examples, fits) if ok], [p for p, ok in zip(prompts, fits) if ok]
 if len(prompts) < args.prompts_per_step:
     raise SystemExit(f"error: {len(prompts)} usable prompts, fewer than --prompts-per-step {args.prompts_per_step}")
+responses = [data.response_ids(tokenizer, e.response) for e in examples] if args.rollouts_from == "dataset" else None
+end_of_turn = data.end_of_turn_id(tokenizer)  # what a whole reference response ends with
+if responses is not None and None in responses:
+    raise SystemExit(f"error: --rollouts-from dataset needs a reference response for every problem; {args.dataset} "
+                     f"has none for problem {responses.index(None)}")
 
 
 def step_prompts(step: int) -> list[int]:
@@ -416,6 +425,42 @@ if device.type == "cuda":
 
 
 # ----------------------------------------------------------------------------- helpers of the loop
+def sample_rollouts(step, indices, global_ids, L_train):
+    """This rank's rollouts and how many of its prompts were on-policy: per prompt, from the student (with
+    probability --lmbda, or always when it is the source) or from the off-policy source, stopped at L_train
+    and seeded per (step, prompt, sample)."""
+    on = data.on_policy_prompts(global_ids, args.lmbda, args.seed, step) if args.lmbda is not None \
+        else [args.rollouts_from == "student"] * len(indices)
+    rollouts = []
+    for policy in (True, False):
+        mine = [(i, g) for i, g, o in zip(indices, global_ids, on) if o == policy]
+        if not mine:
+            continue
+        ids, gids = [prompts[i] for i, _ in mine], [g for _, g in mine]
+        if policy:
+            rollouts += sampler.generate(ids, args.samples_per_prompt, L_train, args.seed, prompt_indices=gids)
+        elif args.rollouts_from == "dataset":
+            rollouts += data.reference_rollouts(ids, [responses[i] for i, _ in mine], args.samples_per_prompt,
+                                                L_train, end_of_turn, gids)
+        else:
+            rollouts += teacher_sampler.generate(ids, args.samples_per_prompt, L_train, args.seed, prompt_indices=gids)
+    return rollouts, sum(on)
+
+
+probe_prompts = np.random.default_rng([args.seed, 1]).permutation(len(prompts))[:args.kl_probe_prompts].tolist()
+
+
+def kl_probe():
+    """The reverse KL by position over whole responses (klprobe.py) of the fixed probe prompts, summed over
+    ranks. Evaluation: its FLOP stay out of total_flops. Seeds of its own (negative prompt indices)."""
+    mine = probe_prompts[rank::world_size]
+    part = klprobe.kl_by_position(sampler, teacher, [prompts[i] for i in mine], args.max_new_tokens, args.seed,
+                                  prompt_indices=[-1 - i for i in mine], pad_token_id=tokenizer.pad_token_id,
+                                  batch_size=max(1, args.micro_batch_tokens // (max(map(len, prompts)) + args.max_new_tokens)))
+    sums, counts = all_sum(part.sums.to(device)), all_sum(part.counts.to(device))
+    return klprobe.PositionKL(sums.cpu(), counts.cpu())
+
+
 def pad_rollouts(rollouts):
     """Right-padded prompt+completion ids, and where each completion starts."""
     T = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
@@ -556,14 +601,13 @@ bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, 
            desc="prefix OPD", dynamic_ncols=True)
 for step in bar:
     # 1. schedule: how many tokens this step samples and trains
-    L_train = prefix_length(step, L_0, args.prefix_step, args.max_new_tokens)
+    L_train = adaptive.L if adaptive else prefix_length(step, L_0, args.prefix_step, args.max_new_tokens)
 
     # 2. sample: this rank's share of the step's prompts, stopped at L_train
     t0 = time.time()
     indices = step_prompts(step)[rank::world_size]
     global_ids = [step * args.prompts_per_step + i for i in range(rank, args.prompts_per_step, world_size)]
-    rollouts = sampler.generate([prompts[i] for i in indices], args.samples_per_prompt, L_train,
-                                args.seed, prompt_indices=global_ids)  # seeded per (step, prompt, sample)
+    rollouts, on_policy = sample_rollouts(step, indices, global_ids, L_train)
     num_sequences = len(rollouts)  # same on every rank; DDP's mean over ranks makes it the global mean
     if args.vllm_sleep:
         sampler.sleep()  # weights to the CPU, KV cache dropped: the trainer gets the memory
@@ -626,8 +670,11 @@ for step in bar:
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # the worst rank
         push_logp_max_diff = diff.item()
 
+    probe = kl_probe() if args.kl_probe_every and (step + 1) % args.kl_probe_every == 0 else None
+
     # 5. log: sums over ranks, then one line on rank 0 and one JSON line in metrics.jsonl
-    counts = torch.tensor([len(rollouts), sum(r.truncated for r in rollouts)], device=device, dtype=torch.float32)
+    counts = torch.tensor([len(rollouts), sum(r.truncated for r in rollouts), on_policy], device=device,
+                          dtype=torch.float32)
     stats = all_sum(torch.stack([loss_sum, kl_sum, tokens, ratio_sum, above_cap]))
     counts, bin_sums, bin_counts = all_sum(counts), all_sum(bin_sums), all_sum(bin_counts)
     if ddp:
@@ -637,11 +684,12 @@ for step in bar:
                                             dtype=torch.float64, device=device)))
     total_flops += step_flops
     loss_sum, kl_sum, tokens, ratio_sum, above_cap = stats.tolist()
-    n_rollouts, n_truncated = counts.tolist()
+    n_rollouts, n_truncated, n_on_policy = counts.tolist()
     metrics = {
         "step": step + 1, "L_train": L_train, "loss": loss_sum / n_rollouts,
         "reverse_kl": kl_sum / max(tokens, 1), "grad_norm": float(grad_norm), "skipped": not finite,
-        "rollouts": int(n_rollouts), "truncated": int(n_truncated), "response_tokens": int(tokens),
+        "rollouts": int(n_rollouts), "truncated": int(n_truncated),
+        "on_policy_fraction": n_on_policy / args.prompts_per_step, "response_tokens": int(tokens),
         "mean_response_tokens": tokens / n_rollouts,
         "ratio_mean": ratio_sum / max(tokens, 1), "ratio_max": ratio_max.item(),
         "ratio_above_cap": above_cap / max(tokens, 1) if args.ratio_cap else None,
@@ -649,8 +697,12 @@ for step in bar:
         "prompts_skipped": prompts_skipped, "micro_batches": micro_batch_counts, "flops": step_flops, "total_flops": total_flops,
         "time_sample": t_sample, "time_score": t_score, "time_update": t_update,
         "push_logp_max_diff": push_logp_max_diff,
+        "reverse_kl_by_position_full": probe.bins(args.kl_bin)[0] if probe else None,
         "wall_seconds": wall_before + time.time() - t_start,
     }
+    if adaptive:  # after the step at L_train: grow for the next one?
+        inside, beyond = (probe.mean(0, L_train), probe.mean(*adaptive.beyond())) if probe else (None, None)
+        metrics["adaptive_growth"] = adaptive.update(metrics["reverse_kl"], inside, beyond)
     if is_main:
         with open(log_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -667,7 +719,8 @@ for step in bar:
     # 6. checkpoint
     if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
         save_checkpoint(step + 1, {"step": step + 1, "L_train": L_train, "total_flops": total_flops,
-                                   "wall_seconds": metrics["wall_seconds"]} | toy_meta)
+                                   "wall_seconds": metrics["wall_seconds"]} | toy_meta
+                        | ({"adaptive": adaptive.state_dict()} if adaptive else {}))
         if ddp:
             dist.barrier()
 bar.close()
@@ -699,7 +752,7 @@ if is_main:
         wandb.finish()
 if ddp:
     dist.barrier()
-if args.sampler == "vllm" and args.rollouts_from == "student":
+if vllm_samples:
     sampler.close()  # first: under torchrun its teardown also destroys the process group (VLLMSampler.close)
 if ddp and dist.is_initialized():
     dist.destroy_process_group()
