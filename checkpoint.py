@@ -20,9 +20,11 @@ rank has finished writing; a directory counts as a checkpoint only once its meta
 at any moment leaves the previous checkpoints as they were.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +38,14 @@ def latest(ckpt_dir: Path) -> Path | None:
     """The newest complete checkpoint: directories appear only by an atomic rename once complete."""
     done = sorted(p for p in ckpt_dir.glob("step_*") if (p / "meta.json").exists()) if ckpt_dir.exists() else []
     return done[-1] if done else None
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns that it 'assumes' one process when there is no process group: here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier():
@@ -65,8 +75,9 @@ def save(ckpt_dir: Path, step: int, model, optimizer, hf_model, tokenizer, meta:
         tokenizer.save_pretrained(tmp)
     del weights
     model_state, optim_state = get_state_dict(model, optimizer)  # sharded under FSDP2: no gather
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "trainer",
-             no_dist=not dist.is_initialized())
+    with single_process_quiet():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "trainer",
+                 no_dist=not dist.is_initialized())
     _barrier()  # every rank's shard is on disk before the directory is marked complete
     if is_main:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the dir complete
@@ -85,6 +96,7 @@ def load(path: Path, model, optimizer) -> dict:
     reading only its own shard; returns meta.json. A collective: every rank calls it."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path / "trainer", no_dist=not dist.is_initialized())
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=path / "trainer", no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / "meta.json").read_text())
