@@ -100,3 +100,63 @@ def load(path: Path, model, optimizer) -> dict:
         dcp.load(state, checkpoint_id=path / "trainer", no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / "meta.json").read_text())
+
+
+# ----------------------------------------------------------------------------- run directories
+# Flags that may change between a run and its resume: how long it runs, how it logs and how it is laid
+# out on the hardware. Every other flag defines the run (lr, seed, batch, schedule, objective, models...).
+MAY_CHANGE = {"steps", "save_every", "resume", "overwrite", "out", "no_plots", "tensorboard", "wandb",
+              "check_push", "eval_problems", "kl_bin", "kl_probe_every", "kl_probe_prompts", "max_bad_steps",
+              "dry_run", "gpu_memory_gb", "gpus", "prompt_tokens", "sampler", "vllm_kv_cache_gb", "vllm_sleep",
+              "micro_batch_tokens", "activation_checkpointing", "fsdp"}
+
+
+def run_flags(args) -> dict:
+    """The run-defining flags, JSON-ready: what a resume must repeat."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE}
+
+
+def open_run_dir(out: Path, args) -> Path | None:
+    """Check --out against --resume/--overwrite before anything is written; returns the checkpoint to
+    resume from (None: a fresh run). Refuses, with one line and nothing touched, to start a fresh run
+    over an old run's checkpoints, and to resume with other run-defining flags. Every rank calls it."""
+    ckpt_dir = out / "checkpoints"
+    old = sorted(ckpt_dir.glob("step_*")) if ckpt_dir.exists() else []
+    if not args.resume:
+        if old and not args.overwrite:
+            raise SystemExit(f"error: {out} holds the checkpoints of an earlier run (up to {old[-1].name}); add "
+                             f"--resume to continue it, or --overwrite to replace it")
+        return None
+    path = latest(ckpt_dir)
+    if path is None:
+        return None
+    saved = json.loads((path / "meta.json").read_text()).get("run_flags")
+    if saved is not None:
+        now = run_flags(args)
+        differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if differ:
+            raise SystemExit(f"error: --resume from {path} with other run-defining flags than it was trained with: "
+                             + ", ".join(f"--{k.replace('_', '-')} {now.get(k)} (was {saved.get(k)})" for k in differ))
+    return path
+
+
+def clear_run_dir(out: Path, resume_step: int | None, is_main: bool):
+    """Rank 0: with --overwrite, remove the old run; on resume, keep no metrics line after the resumed step
+    (those steps are trained again)."""
+    if not is_main:
+        return
+    if resume_step is None:
+        for name in ("checkpoints", "metrics.jsonl", "summary.json", "training.png", "tb"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        return
+    log = out / "metrics.jsonl"
+    if log.exists():
+        lines = log.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, log)  # atomic: a crash here leaves the old log or the trimmed one

@@ -122,7 +122,10 @@ g.add_argument("--max-bad-steps", type=int, default=3, help="abort after this ma
 g = parser.add_argument_group("run")
 g.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
 g.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
-g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out "
+               "(refused if a run-defining flag differs from the checkpoint's)")
+g.add_argument("--overwrite", action="store_true", help="replace the run in --out (without it, a fresh run into "
+               "a directory holding checkpoints is refused)")
 g.add_argument("--fsdp", action="store_true", help="shard the student with FSDP2 (bf16 compute, activation "
                "checkpointing) instead of DDP: for students whose AdamW state does not fit one GPU")
 g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each "
@@ -186,6 +189,8 @@ if args.preset == "toy" and args.student == "toy/student":
     import toy
     args.teacher, args.student = map(str, toy.ensure_built())
 args.out = Path(args.out or f"runs/{args.preset}")
+if args.prefix < 0:
+    raise SystemExit(f"error: --prefix must be >= 0 tokens (0 = full OPD up to --max-new-tokens), got {args.prefix}")
 L_0 = args.prefix if args.prefix > 0 else args.max_new_tokens  # --prefix 0: full OPD
 check_window(tuple(args.window) if args.window else None, args.last_n)
 if args.adaptive and args.prefix_step < 1:
@@ -236,6 +241,7 @@ if args.dry_run:  # the plan for a GPU run of these flags, from the model shapes
                        "flops_total": sum(step_flops), "hours": round(hours, 2), "fit_hint": hint,
                        "parts": {f"{part} [{phase}]": round(b / 1e9, 2) for part, phase, b, _ in memory_plan.rows}}))
     raise SystemExit(0 if memory_plan.fits else 1)
+resume_from = checkpoint.open_run_dir(args.out, args)  # --resume/--overwrite checks; loaded once the model is wrapped
 torch.manual_seed(args.seed + rank)
 random.seed(args.seed)
 np.random.seed(args.seed)
@@ -249,8 +255,14 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()  # one progress bar: ours
 
-tokenizer = AutoTokenizer.from_pretrained(args.student)
-teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+for flag, name in (("--student", args.student), ("--teacher", args.teacher)):
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():  # a local path, not a hub name
+        raise SystemExit(f"error: {flag} {name} is not a directory (a local checkpoint or a hub name is expected)")
+try:
+    tokenizer = AutoTokenizer.from_pretrained(args.student)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+except OSError as e:  # a hub name that does not resolve, or a directory without a tokenizer
+    raise SystemExit(f"error: cannot load the tokenizers of {args.student} and {args.teacher}: {str(e).splitlines()[0]}")
 try:  # before any sampling (paper §8), then again once the output layers are loaded
     check_same_vocabulary(tokenizer, teacher_tokenizer)
 except ValueError as e:
@@ -270,7 +282,6 @@ max_context = args.max_context or student.config.max_position_embeddings
 
 # ----------------------------------------------------------------------------- checkpoints
 ckpt_dir = args.out / "checkpoints"
-resume_from = checkpoint.latest(ckpt_dir) if args.resume else None  # loaded once the model is wrapped
 
 
 class LogProbs(torch.nn.Module):
@@ -558,12 +569,11 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 log_path = args.out / "metrics.jsonl"
+checkpoint.clear_run_dir(args.out, start_step if resume_from else None, is_main)
 if is_main:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                    for k, v in vars(args).items()}, indent=1))
-    if not args.resume and log_path.exists():
-        log_path.unlink()
 writers = []
 if is_main and args.tensorboard:
     from torch.utils.tensorboard import SummaryWriter
@@ -719,7 +729,8 @@ for step in bar:
     # 6. checkpoint
     if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
         save_checkpoint(step + 1, {"step": step + 1, "L_train": L_train, "total_flops": total_flops,
-                                   "wall_seconds": metrics["wall_seconds"]} | toy_meta
+                                   "wall_seconds": metrics["wall_seconds"], "run_flags": checkpoint.run_flags(args)}
+                        | toy_meta
                         | ({"adaptive": adaptive.state_dict()} if adaptive else {}))
         if ddp:
             dist.barrier()

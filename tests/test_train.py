@@ -106,7 +106,7 @@ def test_resume_after_sigkill_is_exact_and_ignores_a_half_written_checkpoint(mod
     assert f"resumed from {ckpts / latest}" in out.stdout
     assert max_diff(params(tmp_path / "straight", 6), params(tmp_path / "killed", 6)) == 0.0
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 6 and sorted(set(steps)) == list(range(1, 7))
+    assert steps == list(range(1, 7))  # each step once: the killed run's steps after its checkpoint are gone
 
 
 def test_malformed_and_missing_datasets_name_the_file_and_line(models, tmp_path):
@@ -234,3 +234,68 @@ def test_gkd_peak_memory_does_not_grow_with_the_number_of_micro_batches(tmp_path
     print(f"peak RSS: {one / 1e6:.0f} MB at 1 micro-batch, {eight / 1e6:.0f} MB at 8; one micro-batch of GKD "
           f"logits {one_micro_batch / 1e6:.0f} MB")
     assert eight - one < 0.5 * one_micro_batch  # keeping them all would add 7 x one_micro_batch
+
+
+def test_seqkd_on_dataset_responses_and_the_gkd_lambda_mix(models, tmp_path):
+    data = tmp_path / "with_responses.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + {2 * i}?", "response": f"{i} + {2 * i} = {3 * i}"})
+                            + "\n" for i in range(40)))
+    run(train_args(models, tmp_path / "seqkd", dataset=data, rollouts_from="dataset", loss="sft", steps=2))
+    rows = [json.loads(line) for line in (tmp_path / "seqkd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["on_policy_fraction"] for r in rows] == [0.0, 0.0]
+    assert all(r["response_tokens"] <= r["rollouts"] * r["L_train"] and r["loss"] > 0 for r in rows)
+    assert rows[0]["truncated"] == rows[0]["rollouts"]  # "i + 2i = 3i" and its end are longer than L_train = 6
+    run(train_args(models, tmp_path / "mix", dataset=data, rollouts_from="dataset", loss="gkd", lmbda=0.5,
+                   prompts_per_step=8, steps=3))
+    rows = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
+    fractions = [r["on_policy_fraction"] for r in rows]
+    assert all(f in {k / 8 for k in range(9)} for f in fractions)
+    assert 0 < sum(fractions) / len(fractions) < 1, fractions
+    out = run(train_args(models, tmp_path / "bad", dataset=data, lmbda=0.5), check=False)
+    assert out.returncode != 0 and "OPD estimator needs the student's own rollouts" in out.stderr
+
+
+def test_kl_probe_and_adaptive_schedule_log_and_resume(models, tmp_path):
+    flags = dict(kl_probe_every=1, kl_probe_prompts=4, adaptive=True, adaptive_window=1, prefix=6, prefix_step=6,
+                 steps=4, save_every=2)
+    run(train_args(models, tmp_path / "straight", **flags))
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # the probe covers the whole response, past L_train
+        assert len(r["reverse_kl_by_position_full"]) == (24 + 7) // 8
+    L = [r["L_train"] for r in rows]
+    assert L[0] == 6 and all(b - a in (0, 6) for a, b in zip(L, L[1:]))
+    for r, L_next in zip(rows, L[1:]):  # L grows exactly after a step that logged a growth
+        assert (L_next > r["L_train"]) == (r["adaptive_growth"] is not None)
+    flops = sum(r["flops"] for r in rows)
+    assert rows[-1]["total_flops"] == pytest.approx(flops)  # the probe's FLOP are not training FLOP
+    shutil.rmtree(tmp_path / "straight" / "checkpoints" / "step_000004")
+    run(train_args(models, tmp_path / "straight", **flags) + ["--resume"])
+    again = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["L_train"] for r in again[-2:]] == L[2:]
+
+
+def test_run_directories_never_mix_runs(models, tmp_path):
+    out = tmp_path / "r"
+    run(train_args(models, out, lr=3e-3, steps=4))
+    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    refused = run(train_args(models, out, lr=1e-5, steps=2), check=False)  # a fresh run into A's directory
+    assert refused.returncode != 0 and "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == before  # untouched
+    refused = run(train_args(models, out, lr=1e-5, steps=6) + ["--resume"], check=False)
+    assert refused.returncode != 0 and "--lr 1e-05 (was 0.003)" in refused.stderr
+    run(train_args(models, out, lr=3e-3, steps=6, save_every=3) + ["--resume"])  # may change: steps, save_every
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000004", "step_000006"]
+    run(train_args(models, out, lr=1e-5, steps=1, save_every=1) + ["--overwrite"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]  # none of the old run's
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prefix", "-5"], "--prefix must be >= 0"),
+    (["--student", "/no/such/student"], "/no/such/student"),
+])
+def test_bad_flags_are_one_line_errors(models, tmp_path, flags, message):
+    out = run(train_args(models, tmp_path / "r") + flags, check=False)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
