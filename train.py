@@ -140,7 +140,7 @@ g.add_argument("--check-push", action="store_true", help="after every weight pus
                "log-probs of this step's first rollout with the trainer's; logs push_logp_max_diff")
 g.add_argument("--eval-problems", type=int, help="toy only: held-out problems graded before and after")
 g.add_argument("--kl-bin", type=int, help="tokens per position bin of the logged reverse KL (paper figures: 256)")
-g.add_argument("--kl-probe-every", type=int, default=0, help="every N steps, sample full-length rollouts of a fixed "
+g.add_argument("--kl-probe-every", type=int, default=0, help="after step 1 and every N steps, sample full-length rollouts of a fixed "
                "probe set and log their reverse KL by position over the whole response (0: off; evaluation "
                "FLOP, left out of total_flops)")
 g.add_argument("--kl-probe-prompts", type=int, default=16, help="prompts in the KL probe set (one rollout each)")
@@ -680,7 +680,8 @@ for step in bar:
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # the worst rank
         push_logp_max_diff = diff.item()
 
-    probe = kl_probe() if args.kl_probe_every and (step + 1) % args.kl_probe_every == 0 else None
+    # the KL over whole responses: after the first step, then every --kl-probe-every steps
+    probe = kl_probe() if args.kl_probe_every and (step == 0 or (step + 1) % args.kl_probe_every == 0) else None
 
     # 5. log: sums over ranks, then one line on rank 0 and one JSON line in metrics.jsonl
     counts = torch.tensor([len(rollouts), sum(r.truncated for r in rollouts), on_policy], device=device,
