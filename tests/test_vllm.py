@@ -150,3 +150,20 @@ def test_same_seed_same_rollouts_wherever_the_prompt_lands(engine):
     assert max(logp_gap) < 1e-5
     c = sampler.generate(prompts, n=2, max_new_tokens=16, seed=5)
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+
+
+# ----------------------------------------------------------------------------- sizes that split prompts
+# vLLM's CPU build schedules at most 4096 tokens per step by default; more prompt tokens than that in
+# one generate call made chunked prefill split a prompt, and a seeded request then crashed the engine
+# ("CPU Generator does not use offset"; sample.scheduler_kwargs). The test below sends more.
+
+
+def test_256_seeded_requests_of_120_prompt_tokens_finish_and_do_not_depend_on_the_batch(engine):
+    sampler, _, _ = engine
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 120, (120,), generator=g).tolist() for _ in range(128)]  # 128 x 2 x 120 tokens
+    rollouts = sampler.generate(prompts, n=2, max_new_tokens=8, seed=7)
+    assert len(rollouts) == 256 and all(0 < len(r.completion_ids) <= 8 for r in rollouts)
+    # prompt 100 alone draws what it drew among 255 others
+    alone = sampler.generate(prompts[100:101], n=2, max_new_tokens=8, seed=7, prompt_indices=[100])
+    assert [r.completion_ids for r in alone] == [r.completion_ids for r in rollouts[200:202]]
