@@ -56,7 +56,7 @@ from math_verify import LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
-from sample import BOXED_INSTRUCTION, HFSampler, build_prompt
+from sample import BOXED_INSTRUCTION, HFSampler, build_prompt, describe_backend
 from toy import extract_boxed  # the one \boxed{} reader: the toy task grades through it too
 
 TEMPERATURE, TOP_P = 1.0, 1.0  # App. E
@@ -242,9 +242,11 @@ def make_sampler(model_or_path, tokenizer, backend: str, temperature: float, top
             raise ValueError("the vllm backend loads weights itself: pass a checkpoint path or a VLLMSampler")
         from sample import VLLMSampler  # imports vllm
 
+        # load_hf_model's dtypes: vLLM's "auto" would downcast a float32 checkpoint to bfloat16 on CPU
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         # the engine has the GPU to itself here (no trainer beside it); on CPU give kv_cache_gb
-        return VLLMSampler(str(model_or_path), temperature=temperature, top_p=top_p, gpu_memory_utilization=0.9,
-                           kv_cache_gb=vllm_kv_cache_gb)
+        return VLLMSampler(str(model_or_path), dtype=dtype, temperature=temperature, top_p=top_p,
+                           gpu_memory_utilization=0.9, kv_cache_gb=vllm_kv_cache_gb)
     raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
 
 
@@ -483,6 +485,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        print(describe_backend(args.backend))
+    except ImportError as e:
+        raise SystemExit(f"error: {e}")
     benches = ([args.dev] + args.test) if args.select else args.benchmarks
     for b in dict.fromkeys(benches):
         k = args.k or K_DEFAULT[b]

