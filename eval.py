@@ -226,8 +226,10 @@ def load_hf_model(path):
 
 
 def make_sampler(model_or_path, tokenizer, backend: str, temperature: float, top_p: float, batch_size: int,
-                 vllm_kv_cache_gb: float | None = None):
-    """An object with .generate(prompts, n, max_new_tokens, seed, prompt_indices) -> list[Rollout]."""
+                 vllm_kv_cache_gb: float | None = None, vllm_gpu_fraction: float = 0.9):
+    """An object with .generate(prompts, n, max_new_tokens, seed, prompt_indices) -> list[Rollout].
+    vllm_gpu_fraction: of GPU memory, for this engine alone (vLLM's budget is per engine); by default
+    the engine has the GPU to itself (no trainer beside it). On CPU give vllm_kv_cache_gb."""
     if hasattr(model_or_path, "generate") and not isinstance(model_or_path, torch.nn.Module):
         sampler = model_or_path  # already a sampler (sample.HFSampler or sample.VLLMSampler)
         if (getattr(sampler, "temperature", temperature), getattr(sampler, "top_p", top_p)) != (temperature, top_p):
@@ -244,9 +246,8 @@ def make_sampler(model_or_path, tokenizer, backend: str, temperature: float, top
 
         # load_hf_model's dtypes: vLLM's "auto" would downcast a float32 checkpoint to bfloat16 on CPU
         dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-        # the engine has the GPU to itself here (no trainer beside it); on CPU give kv_cache_gb
         return VLLMSampler(str(model_or_path), dtype=dtype, temperature=temperature, top_p=top_p,
-                           gpu_memory_utilization=0.9, kv_cache_gb=vllm_kv_cache_gb)
+                           gpu_memory_utilization=vllm_gpu_fraction, kv_cache_gb=vllm_kv_cache_gb)
     raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
 
 
