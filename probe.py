@@ -27,10 +27,11 @@ Outputs under --out: probe.json (settings and one summary per L), probe.md (the 
 
 Departures from the paper, and choices it leaves open:
 1. The teacher samples each response once, with the whole budget B, and the prefix of length L is
-   its first L tokens. sample.py draws token t from uniform t of the rollout's own random stream,
-   so these are token for token the tokens that sampling with max_new_tokens = L draws
-   (tests/test_probe.py). Every L then extends the same teacher response, and the whole responses
-   give the teacher-alone accuracy at no extra cost.
+   its first L tokens. sample.py draws token t from uniform t of the rollout's own random stream
+   (vLLM: from draw t of the request's own generator), so these are token for token the tokens
+   that sampling with max_new_tokens = L draws (tests/test_probe.py, tests/test_vllm.py). Every L
+   then extends the same teacher response, and the whole responses give the teacher-alone accuracy
+   at no extra cost.
 2. Rollout j of problem i is seeded as sample 0 of prompt index i*k + j (sample.py seeds per prompt
    index and sample; the prompts with different teacher prefixes are different prompts, so each
    rollout is its own prompt). For k = 1 that is eval.py's seeding: acc(0) is what

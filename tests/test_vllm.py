@@ -226,6 +226,9 @@ def test_probe_py_with_vllm_engines_writes_the_transformers_records_seeded_per_r
     rows = list(range(n * k))  # prompt index i*k + j = row number
     teacher = VLLMSampler(teacher_path, dtype="float32", kv_cache_gb=1)  # eval.make_sampler's dtype on CPU
     whole = teacher.generate(prompts, 1, budget, seed=1, prompt_indices=rows)
+    # probe.py's departure 1 holds for vLLM too: a prefix of the whole response is what a short budget draws
+    short = teacher.generate(prompts, 1, 32, seed=1, prompt_indices=rows)
+    assert [t.completion_ids for t in short] == [t.completion_ids[:32] for t in whole]
     teacher.close()
     student = VLLMSampler(student_path, dtype="float32", kv_cache_gb=1)
     at = {L: [r for r in records if r["L"] == L] for L in prefixes + [budget]}
