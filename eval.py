@@ -56,7 +56,7 @@ from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
 from data import load_benchmark_hub, load_benchmark_local
-from sample import BOXED_INSTRUCTION, HFSampler, build_prompt
+from sample import BOXED_INSTRUCTION, HFSampler, build_prompt, describe_backend
 from toy import extract_boxed  # the one \boxed{} reader: the toy task grades through it too
 
 TEMPERATURE, TOP_P = 1.0, 1.0  # App. E
@@ -165,8 +165,10 @@ def load_hf_model(path):
 
 
 def make_sampler(model_or_path, tokenizer, backend: str, temperature: float, top_p: float, batch_size: int,
-                 vllm_kv_cache_gb: float | None = None):
-    """An object with .generate(prompts, n, max_new_tokens, seed, prompt_indices) -> list[Rollout]."""
+                 vllm_kv_cache_gb: float | None = None, vllm_gpu_fraction: float = 0.9):
+    """An object with .generate(prompts, n, max_new_tokens, seed, prompt_indices) -> list[Rollout].
+    vllm_gpu_fraction: of GPU memory, for this engine alone (vLLM's budget is per engine); by default
+    the engine has the GPU to itself (no trainer beside it). On CPU give vllm_kv_cache_gb."""
     if hasattr(model_or_path, "generate") and not isinstance(model_or_path, torch.nn.Module):
         sampler = model_or_path  # already a sampler (sample.HFSampler or sample.VLLMSampler)
         if (getattr(sampler, "temperature", temperature), getattr(sampler, "top_p", top_p)) != (temperature, top_p):
@@ -181,9 +183,10 @@ def make_sampler(model_or_path, tokenizer, backend: str, temperature: float, top
             raise ValueError("the vllm backend loads weights itself: pass a checkpoint path or a VLLMSampler")
         from sample import VLLMSampler  # imports vllm
 
-        # the engine has the GPU to itself here (no trainer beside it); on CPU give kv_cache_gb
-        return VLLMSampler(str(model_or_path), temperature=temperature, top_p=top_p, gpu_memory_utilization=0.9,
-                           kv_cache_gb=vllm_kv_cache_gb)
+        # load_hf_model's dtypes: vLLM's "auto" would downcast a float32 checkpoint to bfloat16 on CPU
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        return VLLMSampler(str(model_or_path), dtype=dtype, temperature=temperature, top_p=top_p,
+                           gpu_memory_utilization=vllm_gpu_fraction, kv_cache_gb=vllm_kv_cache_gb)
     raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
 
 
@@ -422,6 +425,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        print(describe_backend(args.backend))
+    except ImportError as e:
+        raise SystemExit(f"error: {e}")
     benches = ([args.dev] + args.test) if args.select else args.benchmarks
     for b in dict.fromkeys(benches):
         k = args.k or K_DEFAULT[b]

@@ -20,17 +20,18 @@ adds nothing. Answers are graded by eval.grade (the last \\boxed{}; math-verify 
 
     python probe.py                                   # toy: toy/student and toy/teacher
     python probe.py --student Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-8B --benchmark math500 \\
-        --data-dir ../shared/data --prefixes 0,16,64,256,1024 --k 4 --out runs/probe_math500
+        --data-dir ../shared/data --prefixes 0,16,64,256,1024 --k 4 --backend vllm --out runs/probe_math500
 
 Outputs under --out: probe.json (settings and one summary per L), probe.md (the table), probe.png
 (acc against L, student-alone and teacher-alone lines) and records.jsonl (every graded response).
 
 Departures from the paper, and choices it leaves open:
 1. The teacher samples each response once, with the whole budget B, and the prefix of length L is
-   its first L tokens. sample.py draws token t from uniform t of the rollout's own random stream,
-   so these are token for token the tokens that sampling with max_new_tokens = L draws
-   (tests/test_probe.py). Every L then extends the same teacher response, and the whole responses
-   give the teacher-alone accuracy at no extra cost.
+   its first L tokens. sample.py draws token t from uniform t of the rollout's own random stream
+   (vLLM: from draw t of the request's own generator), so these are token for token the tokens
+   that sampling with max_new_tokens = L draws (tests/test_probe.py, tests/test_vllm.py). Every L
+   then extends the same teacher response, and the whole responses give the teacher-alone accuracy
+   at no extra cost.
 2. Rollout j of problem i is seeded as sample 0 of prompt index i*k + j (sample.py seeds per prompt
    index and sample; the prompts with different teacher prefixes are different prompts, so each
    rollout is its own prompt). For k = 1 that is eval.py's seeding: acc(0) is what
@@ -38,27 +39,33 @@ Departures from the paper, and choices it leaves open:
    teacher with --seed SEED+1. The teacher draws with seed + 1 so that its prefix and the student's
    continuation never read the same uniforms: a teacher token drawn from uniform u tells where u
    fell, and a student token drawn from u again would not be an independent draw.
-3. transformers sampling only (sample.HFSampler, eval.py's sampler), at temperature 1 and top-p 1;
-   the prompt is built with the student's tokenizer (both models see the same prompt), and each
-   model stops at its own EOS ids, as eval.py would stop it.
+3. Sampling goes through eval.py's samplers, at temperature 1 and top-p 1: the transformers loop
+   (--backend hf) or one vLLM engine per model (--backend vllm; the teacher's engine writes every
+   prefix and is shut down, then the student's continues them). The seeding of departure 2 is the
+   same for both, but vLLM draws with its own sampler, so its tokens differ from the loop's. The
+   prompt is built with the student's tokenizer (both models see the same prompt), and each model
+   stops at its own EOS ids, as eval.py would stop it.
 """
 
 import argparse
+import gc
 import json
 import math
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, grade, load_benchmark, load_hf_model,
+from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, grade, load_benchmark, load_hf_model, make_sampler,
                   max_new_tokens_for, user_turn)
-from sample import HFSampler, build_prompt
+from sample import build_prompt, describe_backend
 from score import check_same_vocabulary
 
 TEACHER_SEED_OFFSET = 1  # the teacher samples with seed + 1: streams of its own (departure 2)
 PREFIXES = {"toy": [0, 8, 32, 64, 128]}  # default L list per benchmark (toy responses: 150-260 tokens)
 PAPER_PREFIXES = [0, 16, 64, 256, 1024]  # every other benchmark (responses of thousands of tokens)
+VLLM_GPU_FRACTION = 0.45  # of GPU memory per vLLM engine: the student's starts even if the teacher's is not yet freed
 
 # ----------------------------------------------------------------------------- checks
 
@@ -75,14 +82,29 @@ def check_prefixes(prefixes: list[int], max_new_tokens: int) -> None:
 # ----------------------------------------------------------------------------- the probe
 
 
-def sample_rows(sampler, prompts, prompt_indices, max_new_tokens, seed, desc):
+def sample_rows(sampler, prompts, prompt_indices, max_new_tokens, seed, batch_size, desc):
     """One rollout per prompt (sample 0 of its prompt index), batch by batch under a progress bar."""
     rollouts = []
-    for start in tqdm(range(0, len(prompts), sampler.batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-        end = start + sampler.batch_size
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        end = start + batch_size
         rollouts += sampler.generate(prompts[start:end], 1, max_new_tokens, seed,
                                      prompt_indices=prompt_indices[start:end])
     return rollouts
+
+
+def sampler_for(model, tokenizer, backend: str, batch_size: int, vllm_kv_cache_gb: float | None):
+    """eval.py's sampler for one model (a model, a path or a ready sampler), at the probe's temperature and top-p."""
+    return make_sampler(model, tokenizer, backend, TEMPERATURE, TOP_P, batch_size, vllm_kv_cache_gb,
+                        vllm_gpu_fraction=VLLM_GPU_FRACTION)
+
+
+def release(sampler) -> None:
+    """Free a sampler built by probe() before the next one starts: a vLLM engine is shut down now."""
+    if hasattr(sampler, "close"):
+        sampler.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def summarize(records: list[dict], L: int, seconds: float) -> dict:
@@ -102,20 +124,21 @@ def summarize(records: list[dict], L: int, seconds: float) -> dict:
 
 
 def probe(student, teacher, tokenizer, problems: list[dict], prefixes: list[int], k: int, max_new_tokens: int,
-          seed: int, *, teacher_tokenizer=None, batch_size: int = BATCH_SIZE["hf"]) -> dict:
+          seed: int, *, teacher_tokenizer=None, backend: str = "hf", batch_size: int | None = None,
+          vllm_kv_cache_gb: float | None = None) -> dict:
     """acc(L) for every L in prefixes (0, the student alone, is always added) and for L = max_new_tokens
     (the teacher alone). Returns {teacher_seed, prefixes: [summary per L], student_alone, teacher_alone,
-    records}; a record is one graded response, its token ids included (response_ids)."""
+    records}; a record is one graded response, its token ids included (response_ids).
+
+    student, teacher: transformers models or checkpoint paths (backend "hf"), checkpoint paths (backend
+    "vllm"), or samplers (eval.make_sampler). An engine built here is shut down when its rows are drawn."""
     check_prefixes(prefixes, max_new_tokens)
     if not problems:
         raise ValueError("no problems to probe")
     if k < 1:
         raise ValueError(f"samples per problem must be >= 1, got {k}")
     prefixes = sorted(set(prefixes) | {0})
-    # eval.py's samplers: each model stops at its own EOS ids (its tokenizer's and its generation config's)
-    student_sampler = HFSampler(student, tokenizer, temperature=TEMPERATURE, top_p=TOP_P, batch_size=batch_size)
-    teacher_sampler = HFSampler(teacher, teacher_tokenizer or tokenizer, temperature=TEMPERATURE, top_p=TOP_P,
-                                batch_size=batch_size)
+    batch_size = batch_size or BATCH_SIZE[backend]
     teacher_seed = seed + TEACHER_SEED_OFFSET
 
     prompts = [build_prompt(tokenizer, *user_turn(p)) for p in problems]
@@ -124,10 +147,16 @@ def probe(student, teacher, tokenizer, problems: list[dict], prefixes: list[int]
     prompt_indices = [i * k + j for i, j in rows]  # each row's seed: sample 0 of this prompt index (departure 2)
 
     # The teacher's whole responses: the teacher-alone line, and every prefix is their first L tokens (departure 1).
+    # eval.py's samplers: each model stops at its own EOS ids (its tokenizer's and its generation config's).
     t0 = time.time()
+    teacher_sampler = sampler_for(teacher, teacher_tokenizer or tokenizer, backend, batch_size, vllm_kv_cache_gb)
     teacher_rollouts = sample_rows(teacher_sampler, row_prompts, prompt_indices, max_new_tokens, teacher_seed,
-                                   desc="teacher, whole")
+                                   batch_size, desc="teacher, whole")
+    if teacher_sampler is not teacher:  # built here: the teacher is done, free its engine for the student's
+        release(teacher_sampler)
+    del teacher_sampler
     teacher_seconds = time.time() - t0
+    student_sampler = sampler_for(student, tokenizer, backend, batch_size, vllm_kv_cache_gb)
 
     records, summaries = [], {}
     for L in prefixes + [max_new_tokens]:  # L = max_new_tokens: the teacher alone
@@ -139,7 +168,8 @@ def probe(student, teacher, tokenizer, problems: list[dict], prefixes: list[int]
         continuation = {}
         if todo:  # the student continues from prompt + prefix, with the tokens the budget has left
             outs = sample_rows(student_sampler, [row_prompts[r] + prefix[r] for r in todo],
-                               [prompt_indices[r] for r in todo], max_new_tokens - L, seed, desc=f"student after L={L}")
+                               [prompt_indices[r] for r in todo], max_new_tokens - L, seed, batch_size,
+                               desc=f"student after L={L}")
             continuation = dict(zip(todo, outs))
         mine = []
         for r, (i, j) in enumerate(rows):
@@ -155,6 +185,8 @@ def probe(student, teacher, tokenizer, problems: list[dict], prefixes: list[int]
         seconds = time.time() - t0 + (teacher_seconds if L == max_new_tokens else 0.0)
         summaries[L] = summarize(mine, L, seconds)
         print(f"L={L:>6}: acc {summaries[L]['acc']:.3f} ± {summaries[L]['stderr']:.3f}  ({seconds:.0f}s)")
+    if student_sampler is not student:
+        release(student_sampler)
     return {"teacher_seed": teacher_seed, "prefixes": [summaries[L] for L in prefixes],
             "student_alone": summaries[0], "teacher_alone": summaries[max_new_tokens], "records": records}
 
@@ -167,7 +199,8 @@ def results_table(result: dict, settings: dict) -> str:
     s = settings
     lines = ["## Teacher-prefix probe (paper §3, Fig. 3)", "",
              f"Student `{s['student']}`, teacher `{s['teacher']}`. Benchmark {s['benchmark']}: {s['n']} problems x "
-             f"{s['k']} sample{'s' * (s['k'] != 1)} at temperature {TEMPERATURE}; response budget "
+             f"{s['k']} sample{'s' * (s['k'] != 1)} at temperature {TEMPERATURE}, drawn by "
+             f"{'vLLM' if s['backend'] == 'vllm' else 'transformers'}; response budget "
              f"B = {s['max_new_tokens']} tokens, teacher prefix included; seed {s['seed']} "
              f"(teacher {result['teacher_seed']}).", "",
              "| teacher prefix L (tokens) | accuracy | ± s.e. | teacher ended within L | mean response tokens "
@@ -247,7 +280,11 @@ def parse_args(argv=None):
                                                       "(default: toy.MAX_NEW_TOKENS for the toy, else 16384)")
     g.add_argument("--seed", type=int, default=0, help=f"the student's sampling seed; the teacher samples with "
                                                        f"seed + {TEACHER_SEED_OFFSET}")
-    g.add_argument("--batch-size", type=int, default=BATCH_SIZE["hf"], help="rollouts per generate call")
+    g.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="sampler for both models: transformers (sample.py) or vLLM (one engine per model, in turn)")
+    g.add_argument("--vllm-kv-cache-gb", type=float, help=f"vLLM KV cache per engine in GiB (needed on CPU; default: "
+                                                          f"{VLLM_GPU_FRACTION * 100:.0f}%% of GPU memory per engine)")
+    g.add_argument("--batch-size", type=int, help=f"rollouts per generate call (default: {BATCH_SIZE})")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/probe", help="directory for probe.json, probe.md, probe.png, records.jsonl")
     args = p.parse_args(argv)
@@ -255,7 +292,7 @@ def parse_args(argv=None):
     args.max_new_tokens = max_new_tokens_for(args.benchmark, args)
     args.prefixes = args.prefixes if args.prefixes is not None else PREFIXES.get(args.benchmark, PAPER_PREFIXES)
     args.k = args.k if args.k is not None else K_DEFAULT.get(args.benchmark, 1)
-    if args.k < 1 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
+    if args.k < 1 or min(v for v in (args.limit, args.batch_size, 1) if v is not None) < 1:
         p.error("--k, --limit and --batch-size must be >= 1")
     try:
         check_prefixes(args.prefixes, args.max_new_tokens)
@@ -272,6 +309,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        print(describe_backend(args.backend))
+    except ImportError as e:
+        raise SystemExit(f"error: {e}")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.student)
@@ -288,16 +329,19 @@ def main(argv=None):
           f"teacher {args.seed + TEACHER_SEED_OFFSET}")
 
     t0 = time.time()
-    student, teacher = load_hf_model(args.student), load_hf_model(args.teacher)
-    try:
-        check_same_vocabulary(tokenizer, teacher_tokenizer, student, teacher)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    student, teacher = args.student, args.teacher  # vLLM engines load their checkpoints themselves, in turn
+    if args.backend == "hf":
+        student, teacher = load_hf_model(args.student), load_hf_model(args.teacher)
+        try:
+            check_same_vocabulary(tokenizer, teacher_tokenizer, student, teacher)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     result = probe(student, teacher, tokenizer, problems, prefixes, args.k, args.max_new_tokens, args.seed,
-                   teacher_tokenizer=teacher_tokenizer, batch_size=args.batch_size)
-    settings = {"student": args.student, "teacher": args.teacher, "benchmark": args.benchmark, "n": N, "k": args.k,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "temperature": TEMPERATURE, "top_p": TOP_P,
-                "wall_seconds": time.time() - t0}
+                   teacher_tokenizer=teacher_tokenizer, backend=args.backend, batch_size=args.batch_size,
+                   vllm_kv_cache_gb=args.vllm_kv_cache_gb)
+    settings = {"student": args.student, "teacher": args.teacher, "backend": args.backend, "benchmark": args.benchmark,
+                "n": N, "k": args.k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "temperature": TEMPERATURE, "top_p": TOP_P, "wall_seconds": time.time() - t0}
     out_dir = Path(args.out)
     write_outputs(result, settings, out_dir)
     print(results_table(result, settings))

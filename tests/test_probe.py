@@ -3,6 +3,7 @@ student's own continuation of them, within the budget; a Markov-chain model whos
 closed form hands the answer over exactly at the decisive token, and with student = teacher the
 accuracy does not move with L; the script end to end; bad input."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -224,6 +225,7 @@ def test_script_writes_json_markdown_png_and_records(checkpoints):
     cmd = [sys.executable, str(ROOT / "probe.py"), *script_args(checkpoints, "--prefixes", "4,8", "--out", str(out))]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("sampler: transformers ")  # the start-up line names the sampler
     summary = json.loads((out / "probe.json").read_text())
     assert [row["L"] for row in summary["prefixes"]] == [0, 4, 8]  # 0, the student alone, always added
     assert (summary["n"], summary["k"], summary["max_new_tokens"]) == (3, 2, 12)
@@ -274,6 +276,19 @@ def test_script_rejects_bad_flags(checkpoints, capsys, extra, match):
     with pytest.raises(SystemExit):
         main(script_args(checkpoints, *extra, "--out", str(checkpoints / "never")))
     assert match in capsys.readouterr().err
+    assert not (checkpoints / "never").exists()
+
+
+def test_help_lists_the_vllm_backend(capsys):
+    with pytest.raises(SystemExit):
+        main(["--backend", "vllm", "--help"])
+    assert "--backend {hf,vllm}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_backend_without_vllm_is_a_one_line_error(checkpoints):
+    with pytest.raises(SystemExit, match=r"^error: the vllm backend needs vLLM .*pip install -e '\.\[vllm\]'"):
+        main(script_args(checkpoints, "--prefixes", "4", "--backend", "vllm", "--out", str(checkpoints / "never")))
     assert not (checkpoints / "never").exists()
 
 

@@ -3,7 +3,9 @@
 Runs in the environment built by .ci/vllm_env.sh:
     .venv-vllm/bin/python -m pytest -q tests/test_train_vllm.py
 The same tiny run is trained twice, once with the transformers sampler and once with vLLM (engine
-start ~15 s per rank on 2 cores); the tests read their metrics.
+start ~15 s per rank on 2 cores); the tests read their metrics. Then the toy preset runs two steps
+of 256 rollouts with vLLM, on one rank and on two: sizes at which vLLM's scheduler would split
+prompts (sample.scheduler_kwargs).
 """
 
 import json
@@ -107,3 +109,48 @@ def test_loss_falls_as_with_the_transformers_sampler(runs):
     for key in ("reverse_kl", "loss_per_token"):
         assert fall(hf, key) > 1.5 and fall(vllm_rows, key) > 1.5, (key, fall(hf, key), fall(vllm_rows, key))
         assert 0.5 < fall(vllm_rows, key) / fall(hf, key) < 2, (key, fall(hf, key), fall(vllm_rows, key))
+
+
+# ----------------------------------------------------------------------------- 256 rollouts a step
+# The toy preset with 64 prompts x 4 samples of ~100 prompt tokens: 25,600 prompt tokens a step, far
+# more than the 4096 that vLLM's CPU build schedules at once (12,800 per rank on two ranks).
+TOY_STEPS = 2
+
+
+def train_toy(out, ranks):
+    """python train.py (ranks = 1) or torchrun --nproc_per_node=RANKS train.py -> (metrics rows, out)."""
+    flags = ["--sampler", "vllm", "--vllm-kv-cache-gb", 1, "--check-push", "--prompts-per-step", 64,
+             "--steps", TOY_STEPS, "--eval-problems", 0, "--no-plots", "--out", out]
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    proc = subprocess.run(launcher + [str(ROOT / "train.py")] + [str(f) for f in flags], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"train.py on {ranks} rank(s) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_runs")
+    return {ranks: train_toy(out / f"ranks_{ranks}", ranks) for ranks in (1, 2)}
+
+
+def test_256_rollouts_a_step_on_one_and_two_ranks_stay_on_policy(toy_runs):
+    for ranks, (rows, out) in toy_runs.items():
+        assert [r["step"] for r in rows] == list(range(1, TOY_STEPS + 1))
+        assert all(r["rollouts"] == 256 and not r["skipped"] for r in rows)
+        # the engine's q is the trainer's pi on every sampled token, and every push landed
+        assert all(abs(r["ratio_mean"] - 1) < 1e-4 and r["ratio_max"] < 1 + 1e-3 for r in rows)
+        assert all(r["push_logp_max_diff"] < 1e-4 for r in rows)
+        assert json.loads((out / "summary.json").read_text())["world_size"] == ranks
+
+
+def test_two_ranks_draw_the_rollouts_of_one(toy_runs):
+    # Rollouts are seeded per prompt, not per rank (sample.py): the two runs sample the same tokens,
+    # so their losses agree up to the order of float sums (DDP averages two halves of the batch).
+    one, two = toy_runs[1][0], toy_runs[2][0]
+    for a, b in zip(one, two):
+        assert (a["response_tokens"], a["truncated"]) == (b["response_tokens"], b["truncated"])
+        for key in ("loss", "reverse_kl", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)

