@@ -46,7 +46,7 @@ import klprobe
 import memory
 from flops import opd_flops
 from loss import gkd_loss, opd_loss, reverse_kl_stats
-from sample import HFSampler, build_prompt
+from sample import HFSampler, build_prompt, describe_backend
 from schedule import AdaptivePrefix, check_window, prefix_length, token_mask
 from score import check_same_vocabulary, position_logits, token_logprobs
 
@@ -351,8 +351,8 @@ if vllm_samples:
                           max_model_len=max_context, enable_sleep_mode=args.vllm_sleep)
 else:
     sampler = HFSampler(eval_student, tokenizer, temperature=args.temperature, top_p=args.top_p)
-print0(f"sampler: the student's rollouts from {'vLLM' if vllm_samples else 'transformers'}"
-       f"{' (the default: vLLM is installed and CUDA is present)' if vllm_samples and not sampler_given else ''}"
+print0(describe_backend("vllm" if vllm_samples else "hf")
+       + (" (the default: vLLM is installed and CUDA is present)" if vllm_samples and not sampler_given else "")
        + ("" if args.rollouts_from == "student" else f"; off-policy rollouts from the {args.rollouts_from}"
           + (f" for a share 1 - {args.lmbda:g} of the prompts" if args.lmbda is not None else "")))
 needs_push = student_copy is not None or vllm_samples
