@@ -56,7 +56,7 @@ from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
 from data import load_benchmark_hub, load_benchmark_local
-from sample import BOXED_INSTRUCTION, HFSampler, build_prompt, describe_backend
+from sample import BOXED_INSTRUCTION, HFSampler, build_prompt, default_backend, describe_backend
 from toy import extract_boxed  # the one \boxed{} reader: the toy task grades through it too
 
 TEMPERATURE, TOP_P = 1.0, 1.0  # App. E
@@ -177,7 +177,11 @@ def make_sampler(model_or_path, tokenizer, backend: str, temperature: float, top
         return sampler
     if backend == "hf":
         model = load_hf_model(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
-        return HFSampler(model, tokenizer, temperature=temperature, top_p=top_p, batch_size=batch_size)
+        # On a GPU the batch is sized by the KV cache the free memory holds (80% of it), so 16k-token
+        # responses get a few rows at a time instead of an OOM; batch_size is the cap elsewhere.
+        kv_cache_bytes = 0.8 * torch.cuda.mem_get_info(model.device)[0] if model.device.type == "cuda" else None
+        return HFSampler(model, tokenizer, temperature=temperature, top_p=top_p, batch_size=batch_size,
+                         kv_cache_bytes=kv_cache_bytes)
     if backend == "vllm":
         if not isinstance(model_or_path, (str, Path)):
             raise ValueError("the vllm backend loads weights itself: pass a checkpoint path or a VLLMSampler")
@@ -386,7 +390,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Accuracy over k samples per problem (paper §4.1, App. E).")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="checkpoint directory or hub name to evaluate")
-    g.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="sampler: transformers (sample.py) or vLLM")
+    g.add_argument("--backend", choices=["hf", "vllm"], default=None, help="sampler: transformers (sample.py) or "
+                   "vLLM (default: vllm when it is installed and CUDA is present, else hf)")
     g.add_argument("--vllm-kv-cache-gb", type=float,
                    help="vLLM KV cache in GiB (needed on CPU; default: 90%% of GPU memory)")
     g = p.add_argument_group("checkpoint selection (App. E)")
@@ -420,13 +425,15 @@ def parse_args(argv=None):
     for b in args.benchmarks + args.test + [args.dev]:
         if b not in K_DEFAULT:
             p.error(f"unknown benchmark {b!r}; choose from {','.join(K_DEFAULT)}")
+    args.backend_by_default = args.backend is None
+    args.backend = args.backend or default_backend()  # vLLM on a GPU where it is installed
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        print(describe_backend(args.backend))
+        print(describe_backend(args.backend) + (" (the default here)" if args.backend_by_default else ""))
     except ImportError as e:
         raise SystemExit(f"error: {e}")
     benches = ([args.dev] + args.test) if args.select else args.benchmarks
