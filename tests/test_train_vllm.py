@@ -47,13 +47,13 @@ def models(tmp_path_factory):
     return write_tiny_run(tmp_path_factory.mktemp("models"), edit=shift)
 
 
-def train(models, out, sampler):
+def train(models, out, sampler, *extra):
     """torchrun --standalone --nproc_per_node=2 train.py --sampler SAMPLER ... -> (metrics rows, process, out)."""
     flags = ["--student", models / "student", "--teacher", models / "teacher", "--dataset", models / "data.jsonl",
              "--prefix", 8, "--prefix-step", 4, "--max-new-tokens", 24,  # L_train 8, 12, 16, 20, 24, 24
              "--prompts-per-step", 8, "--samples-per-prompt", 2, "--lr", 1e-2, "--steps", STEPS,
              "--micro-batch-tokens", 2000, "--kl-bin", 8, "--save-every", STEPS, "--out", out, "--no-plots",
-             "--sampler", sampler]
+             "--sampler", sampler, *extra]
     if sampler == "vllm":
         flags += ["--vllm-kv-cache-gb", 1, "--check-push"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -67,7 +67,9 @@ def train(models, out, sampler):
 @pytest.fixture(scope="module")
 def runs(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return {sampler: train(models, out / sampler, sampler) for sampler in ("hf", "vllm")}
+    runs = {sampler: train(models, out / sampler, sampler) for sampler in ("hf", "vllm")}
+    runs["vllm_fsdp"] = train(models, out / "vllm_fsdp", "vllm", "--fsdp")
+    return runs
 
 
 def test_vllm_run_under_torchrun_trains_checkpoints_and_exits_cleanly(runs):
@@ -87,6 +89,17 @@ def test_every_weight_push_reaches_the_engine(runs):
         [r["push_logp_max_diff"] for r in rows]
     # And the rollouts are on-policy: the trainer's pi_theta equals the engine's q on every sampled token.
     assert all(abs(r["ratio_mean"] - 1) < 1e-4 and r["ratio_max"] < 1 + 1e-3 for r in rows)
+
+
+def test_fsdp_streams_its_sharded_weights_into_the_engine(runs):
+    """Under FSDP2 no rank holds the whole student: each push gathers one tensor at a time and streams it
+    into the engine (train.student_weights). The engine must still score exactly as the trainer."""
+    rows, proc, out = runs["vllm_fsdp"]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["push_logp_max_diff"] < 1e-4 for r in rows), [r["push_logp_max_diff"] for r in rows]
+    assert all(abs(r["ratio_mean"] - 1) < 1e-4 and r["ratio_max"] < 1 + 1e-3 for r in rows)
+    assert "Traceback" not in proc.stderr
+    assert (out / "checkpoints" / f"step_{STEPS:06d}" / "trainer").is_dir()  # sharded trainer state (DCP)
 
 
 def test_no_rollout_is_longer_than_L_train(runs):
