@@ -120,7 +120,8 @@ def test_tempered_scores_are_the_sampler_logprobs_so_the_ratio_is_one(temperatur
         worst = max(worst, (scored - torch.tensor(r.sampler_logp)).abs().max().item())
         untempered = token_logprobs(model, ids)[0, P - 1:]
         worst_untempered = max(worst_untempered, (untempered - torch.tensor(r.sampler_logp)).abs().max().item())
-    print(f"temperature {temperature}: max |log pi_theta - log q| {worst:.2e}, untempered scorer {worst_untempered:.2e}")
+    print(f"temperature {temperature}: max |log pi_theta - log q| {worst:.2e}, "
+          f"untempered scorer {worst_untempered:.2e}")
     assert worst < 1e-5  # ratio exp(log pi_theta - log q) within 1e-5 of 1
     if temperature != 1.0:
         assert worst_untempered > 1e-2  # the temperature-1 scorer would put the ratio far from 1

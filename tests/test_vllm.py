@@ -16,7 +16,7 @@ try:
 except Exception:  # ImportError, or a broken torch/torchvision pairing that fails at import
     pytest.skip("vllm is not importable in this environment", allow_module_level=True)
 
-from conftest import tiny_qwen3, tiny_tokenizer
+from conftest import favour_token, tiny_qwen3, tiny_tokenizer
 from sample import VLLMSampler, sampling_logprobs
 from score import token_logprobs
 
@@ -150,3 +150,28 @@ def test_same_seed_same_rollouts_wherever_the_prompt_lands(engine):
     assert max(logp_gap) < 1e-5
     c = sampler.generate(prompts, n=2, max_new_tokens=16, seed=5)
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+
+
+def test_a_base_student_stops_at_the_end_of_its_turn(tmp_path):
+    """EOS <|endoftext|> and a ChatML template: the engine stops at <|im_end|> too, as sample_hf does."""
+    from sample import build_prompt
+
+    tok = tiny_tokenizer(eos_token="<|endoftext|>")
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "What is 2+3?")]
+    model = favour_token(tiny_qwen3(vocab_size=len(tok)), im_end, prompts[0])  # rollouts end within a few tokens
+    model.config.eos_token_id = model.generation_config.eos_token_id = endoftext  # the base checkpoint's EOS only
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    sampler = VLLMSampler(tmp_path, seed=0, dtype="float32", kv_cache_gb=1, max_model_len=256)
+    try:
+        assert sampler.stop_token_ids == sorted([im_end, endoftext])
+        rollouts = sampler.generate(prompts, n=8, max_new_tokens=24, seed=0)
+        ended = [r for r in rollouts if not r.truncated]
+        assert any(r.completion_ids[-1] == im_end for r in ended)
+        for r in rollouts:  # nothing after the end of the turn; the stop token's log-prob is kept
+            assert im_end not in r.completion_ids[:-1] and endoftext not in r.completion_ids[:-1]
+            assert len(r.sampler_logp) == len(r.completion_ids)
+        assert max_logp_error(model, rollouts) < 1e-4
+    finally:
+        sampler.close()
