@@ -11,7 +11,7 @@ the boxed-answer instruction, and `<think>` is enforced at the end of the prompt
 problem for MATH500, GPQA-Diamond, MMLU-Pro and GSM8K, k = 16 for AIME24 and AIME25. answer(y) is
 the content of the last \\boxed{} of the response. Maths answers are compared with the gold answer
 by math-verify (symbolic and numeric equivalence: \\dfrac{1}{2} = 0.5, 1,000 = 1000); a
-multiple-choice answer must be the gold letter.
+multiple-choice answer must name one choice, the gold letter (`\\boxed{B or C}` is wrong).
 
 Checkpoint selection (App. E): every checkpoint saved during training is evaluated on a dev set,
 and only the best one on the test benchmarks:
@@ -107,14 +107,34 @@ def grade_math(response: str, gold: str) -> bool:
         return False
 
 
+# One choice: a letter, bare or in parentheses, alone or followed by `.`, `:` or `)` and that choice's text.
+_ONE_CHOICE = re.compile(r"\s*(?:\((?P<paren>[A-J])\)|(?P<bare>[A-J])(?:[.:)]|(?=\s*$)))(?P<text>.*)",
+                         flags=re.DOTALL | re.IGNORECASE)
+# A second choice in that text: it opens with a connective (`or C`, `, C`, `/C`) or is a lone letter (`(B) C`) ...
+_HEDGE_START = re.compile(r"\s*(?:(?:or|and|nor)\b|\\lor|\\vee|[,/&;|+]|\(?[A-J]\)?[.:)]?\s*$)",
+                          flags=re.IGNORECASE)
+# ... or names another choice the way choices are named: `(C)`, or `C)` as a word (`f(a)` is not one)
+_CHOICE_MARKER = re.compile(r"(?<![\w\\])\([A-J]\)|(?<![\w(\\])[A-J]\)")
+
+
 def extract_choice(response: str) -> str | None:
-    """The letter in the last \\boxed{}: accepts B, (B), \\text{B}, B. and `B) the choice's text`."""
+    """The one letter named in the last \\boxed{}: B, (B), \\text{B}, B. and `B) the choice's text`.
+
+    None when the box names no choice or more than one: `B or C`, `B/C`, `B, C`, `B and C`,
+    `(B) or (C)`, `B) 4 kg, C) 5 kg`. A letter must stand alone or be followed by `.`, `:` or `)`,
+    so a sentence (`I think it is C`) is no answer, and its `I` is not choice I. A choice whose own
+    text names choices (`J) Both (A) and (B)`) is refused too when written out: box the letter alone."""
     boxed = extract_boxed(response)
     if boxed is None:
         return None
     boxed = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", boxed)
-    match = re.fullmatch(r"\s*\(?([A-Ja-j])\)?(?:[\s.:)].*)?", boxed, flags=re.DOTALL)
-    return match.group(1).upper() if match else None
+    match = _ONE_CHOICE.fullmatch(boxed)
+    if match is None:
+        return None
+    text = match.group("text")
+    if _HEDGE_START.match(text) or _CHOICE_MARKER.search(text):
+        return None
+    return (match.group("paren") or match.group("bare")).upper()
 
 
 def grade_choice(response: str, gold_letter: str) -> bool:

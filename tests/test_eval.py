@@ -120,10 +120,34 @@ def test_last_boxed_counts():
     ("\\boxed{B}", "B"), ("\\boxed{(B)}", "B"), ("\\boxed{\\text{B}}", "B"), ("\\boxed{\\textbf{(B)}}", "B"),
     ("\\boxed{B. 42 kg}", "B"), ("\\boxed{B) 42 kg}", "B"), ("\\boxed{b}", "B"),
     ("I pick A. \\boxed{J}", "J"), ("\\boxed{Bob}", None), ("\\boxed{AB}", None), ("the answer is B", None),
+    ("\\boxed{B:}", "B"), ("\\boxed{(B).}", "B"), ("\\boxed{\\mathrm{B}}", "B"),
+    # a choice's own text may hold articles, letters in formulas and connectives after its start
+    ("\\boxed{(B) A triangle}", "B"), ("\\boxed{B) Andrew}", "B"), ("\\boxed{B. f(a) = 2}", "B"),
+    ("\\boxed{B) 5 or 6 kg}", "B"),
 ])
 def test_choice_letter(response, letter):
     assert extract_choice(response) == letter
     assert grade_choice(response, "B") is (letter == "B")
+
+
+@pytest.mark.parametrize("boxed", [
+    "B or C", "B/C", "B, C", "B and C", "B & C", "B;C", "B \\lor C", "B \\text{ or } C", "\\text{B or C}",
+    "(B) or (C)", "(B)/(C)", "(B), (C)", "B) or C)", "B. C.", "(B) C", "B) 42 kg, C) 50 kg", "B) 42 kg or (C) 50 kg",
+    "I think it is C", "I think it is B", "It is B", "B is correct", "B 42 kg",
+])
+def test_an_answer_naming_more_than_one_choice_or_a_sentence_is_wrong(boxed):
+    response = f"Hmm.\n</think>\nThe answer is $\\boxed{{{boxed}}}$."
+    assert extract_choice(response) is None
+    for gold in "BCI":  # never right, whichever letter it names or starts with (MMLU-Pro has a choice I)
+        assert grade_choice(response, gold) is False
+
+
+def test_hedged_answers_are_wrong_and_single_answers_right_when_the_gold_is_b():
+    wrong = ["B or C", "B/C", "B, C", "B and C", "I think it is C"]
+    right = ["B", "(B)", "\\text{B}", "B) text"]
+    assert [grade_choice(f"\\boxed{{{a}}}", "B") for a in wrong] == [False] * len(wrong)
+    assert [grade_choice(f"\\boxed{{{a}}}", "B") for a in right] == [True] * len(right)
+    assert grade(dict(problem="?", choices=list("abcdefghij"), answer="B"), "\\boxed{B or C}") is False
 
 
 # ----------------------------------------------------------------------------- malformed outputs
