@@ -45,6 +45,7 @@ Departures from the paper, and choices it leaves open:
 import argparse
 import gc
 import json
+import os
 import random
 import re
 import threading
@@ -439,7 +440,7 @@ def select(args) -> None:
     out_dir = Path(args.out) if args.out else run_dir / "eval"
     checkpoints = checkpoints_of(run_dir)
     if not checkpoints:
-        raise SystemExit(f"no checkpoints under {run_dir / 'checkpoints'}")
+        raise SystemExit(f"error: no checkpoints under {run_dir / 'checkpoints'}")
     dev_acc, rows = {}, []
     for ckpt in checkpoints:
         summary = evaluate_checkpoint(ckpt, [args.dev], args, out_dir / "dev" / ckpt.name)
@@ -454,6 +455,32 @@ def select(args) -> None:
     if args.test:
         evaluate_checkpoint(best, args.test, args, out_dir / "test" / best.name, name=f"{run_dir.name}/{best.name}")
         print((out_dir / "test" / best.name / "results.md").read_text())
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # `name` or `org/name`, as the hub spells model ids
+
+
+def check_model_path(name: str, flag: str = "--model") -> str:
+    """A checkpoint name as given, `~` expanded. A name that looks like a local path (it starts with
+    ./, ../, / or ~, or has a separator and is not `org/name`) must be a directory: otherwise
+    ValueError, one line, instead of the traceback transformers prints when it tries the hub."""
+    local = name.startswith((".", "/", "~")) or (os.sep in name and not HUB_ID.fullmatch(name))
+    path = os.path.expanduser(name)
+    if local and not os.path.isdir(path):
+        raise ValueError(f"{flag} {name}: no such checkpoint directory")
+    return path
+
+
+def check_data_dir(data_dir, benchmarks: list[str]) -> None:
+    """DATA_DIR is a directory holding every benchmark asked for (the toy needs none): ValueError, one line."""
+    if not Path(data_dir).is_dir():
+        raise ValueError(f"--data-dir {data_dir}: no such directory")
+    for bench in benchmarks:
+        if bench != "toy":
+            try:
+                load_benchmark(bench, data_dir, limit=1)
+            except FileNotFoundError as e:
+                raise ValueError(f"--data-dir: {e}") from None
 
 
 def benchmark_list(text: str) -> list[str]:
@@ -504,6 +531,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     benches = ([args.dev] + args.test) if args.select else args.benchmarks
+    try:  # bad paths end in one line, before any model is loaded
+        if args.model is not None:
+            args.model = check_model_path(args.model)
+        if args.data_dir is not None:
+            check_data_dir(args.data_dir, list(dict.fromkeys(benches)))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     for b in dict.fromkeys(benches):
         k = args.k or K_DEFAULT[b]
         print(f"{b}: k={k} samples per problem, up to {max_new_tokens_for(b, args)} new tokens, "

@@ -51,8 +51,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, grade, load_benchmark, load_hf_model,
-                  max_new_tokens_for, user_turn)
+from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, check_data_dir, check_model_path, grade,
+                  load_benchmark, load_hf_model, max_new_tokens_for, user_turn)
 from sample import HFSampler, build_prompt
 from score import check_same_vocabulary
 
@@ -272,6 +272,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:  # bad paths end in one line, before any model is loaded
+        args.student = check_model_path(args.student, "--student")
+        args.teacher = check_model_path(args.teacher, "--teacher")
+        if args.data_dir is not None:
+            check_data_dir(args.data_dir, [args.benchmark])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.student)

@@ -371,3 +371,33 @@ def test_vllm_backend_writes_the_same_records(tmp_path, seven_checkpoint):
     for r in records:
         assert r["correct"] == [grade_math(y, "7") for y in r["responses"]] and len(r["responses"]) == 2
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["math500"]["acc"] >= 0.75
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "./no/such/ckpt"], "error: --model ./no/such/ckpt: no such checkpoint directory"),
+    (["--model", "{tmp}/gone/step_000010"], "error: --model {tmp}/gone/step_000010: no such checkpoint directory"),
+    (["--model", "{tmp}/ckpt", "--data-dir", "{tmp}/nowhere"], "error: --data-dir {tmp}/nowhere: no such directory"),
+    (["--model", "{tmp}/ckpt", "--data-dir", "{tmp}/data"], "error: --data-dir: no math500 data in {tmp}/data"),
+    (["--select", "{tmp}/no_run", "--dev", "math500"], "error: no checkpoints under {tmp}/no_run/checkpoints"),
+])
+def test_bad_paths_end_in_one_line_errors(tmp_path, flags, message):
+    """The script itself: exit status 1 and one `error: ...` line, no traceback, nothing written."""
+    (tmp_path / "ckpt").mkdir()  # only its existence is checked before the error
+    (tmp_path / "data").mkdir()  # exists, but holds no math500.jsonl
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--benchmarks", "math500", "--out", str(tmp_path / "out"),
+           *[f.format(tmp=tmp_path) for f in flags]]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD_ENV)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_is_not_taken_for_a_missing_path():
+    from eval import check_model_path
+    assert check_model_path("Qwen/Qwen3-1.7B-Base") == "Qwen/Qwen3-1.7B-Base"
+    assert check_model_path("gpt2") == "gpt2"
+    assert check_model_path("~") == str(Path.home())  # `~` is expanded: transformers would not
+    for local in ("./Qwen3", "../Qwen/Qwen3-8B", "/ckpts/Qwen3", "~/no_such_ckpt_here", "runs/x/checkpoints/step_1"):
+        with pytest.raises(ValueError, match="no such checkpoint directory"):
+            check_model_path(local)
