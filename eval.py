@@ -18,6 +18,10 @@ and only the best one on the test benchmarks:
 
     python eval.py --select runs/NAME --dev aime24 --test math500,aime25,gpqa,mmlu_pro,gsm8k
 
+Results are kept per checkpoint (RUN_DIR/eval/dev/step_XXXXXX) and reused by a later --select only
+while the checkpoint's path and a fingerprint of its files (checkpoint_fingerprint) are unchanged:
+a checkpoint that a new run wrote over an old one's is evaluated again.
+
 Outputs under --out: BENCH.jsonl (one line per problem with its prompt, k responses, extracted
 answers and correct flags, appended as problems finish, so a stopped run resumes where it stopped),
 summary.json (per benchmark: acc, k, n, mean response length in tokens, truncation rate) and
@@ -44,6 +48,7 @@ Departures from the paper, and choices it leaves open:
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import random
@@ -379,16 +384,57 @@ def results_table(rows: list[tuple[str, dict, dict | None]]) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def evaluate_checkpoint(model_path, benchmarks: list[str], args, out_dir: Path, name=None) -> dict:
-    """Every benchmark on one checkpoint; writes BENCH.jsonl, summary.json and results.md in out_dir."""
+FINGERPRINT_SPAN = 64 * 2**10  # bytes read from each end of a large checkpoint file
+
+
+def checkpoint_fingerprint(model_path) -> str | None:
+    """A hash of what a checkpoint directory holds (None for a hub id): every file's name and size,
+    the whole of each file up to 2 * FINGERPRINT_SPAN bytes (meta.json with train.py's step and wall
+    time, config.json), and the first and last FINGERPRINT_SPAN bytes of larger ones (a safetensors
+    header, then the end of its last tensors, which every optimizer step moves). Cheap (a few reads
+    per file, whatever the model's size) and independent of timestamps, so a copied run keeps its
+    cached results while an overwritten checkpoint gets new ones."""
+    root = Path(model_path)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * FINGERPRINT_SPAN:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(FINGERPRINT_SPAN))
+                f.seek(size - FINGERPRINT_SPAN)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def evaluate_checkpoint(model_path, benchmarks: list[str], args, out_dir: Path, name=None,
+                        replace_stale: bool = False) -> dict:
+    """Every benchmark on one checkpoint; writes BENCH.jsonl, summary.json and results.md in out_dir.
+
+    out_dir's config.json names the checkpoint and its fingerprint: results there are resumed only
+    for the same checkpoint with the same contents. For other contents at the same path (a run
+    written again into the same directory) they are deleted and redone when replace_stale (--select,
+    whose cache this is), else refused."""
     from transformers import AutoTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.json"
-    earlier = json.loads(config_path.read_text())["model"] if config_path.exists() else str(model_path)
-    if earlier != str(model_path):
-        raise SystemExit(f"{out_dir} holds results of {earlier}: use another --out")
-    config_path.write_text(json.dumps({"model": str(model_path)}, indent=2) + "\n")
+    current = {"model": str(model_path), "fingerprint": checkpoint_fingerprint(model_path)}
+    earlier = json.loads(config_path.read_text()) if config_path.exists() else current
+    if earlier.get("model") != current["model"]:
+        raise SystemExit(f"error: {out_dir} holds results of {earlier.get('model')}: use another --out")
+    if earlier.get("fingerprint") != current["fingerprint"]:
+        if not replace_stale:
+            raise SystemExit(f"error: {out_dir} holds results of {model_path} as it was before its files changed: "
+                             f"use another --out")
+        print(f"{model_path} changed since its results in {out_dir} were written: evaluating it again")
+        for stale in [*out_dir.glob("*.jsonl"), out_dir / "summary.json", out_dir / "results.md"]:
+            stale.unlink(missing_ok=True)
+    config_path.write_text(json.dumps(current, indent=2) + "\n")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     # one model or engine per checkpoint, shared by its benchmarks
@@ -443,7 +489,7 @@ def select(args) -> None:
         raise SystemExit(f"error: no checkpoints under {run_dir / 'checkpoints'}")
     dev_acc, rows = {}, []
     for ckpt in checkpoints:
-        summary = evaluate_checkpoint(ckpt, [args.dev], args, out_dir / "dev" / ckpt.name)
+        summary = evaluate_checkpoint(ckpt, [args.dev], args, out_dir / "dev" / ckpt.name, replace_stale=True)
         dev_acc[ckpt.name] = summary[args.dev]["acc"]
         rows.append((ckpt.name, {args.dev: summary[args.dev]}, read_meta(ckpt)))
     best = max(checkpoints, key=lambda c: dev_acc[c.name])  # max() keeps the first of equal values
@@ -453,7 +499,8 @@ def select(args) -> None:
                                        + results_table(rows))
     print((out_dir / "select.md").read_text())
     if args.test:
-        evaluate_checkpoint(best, args.test, args, out_dir / "test" / best.name, name=f"{run_dir.name}/{best.name}")
+        evaluate_checkpoint(best, args.test, args, out_dir / "test" / best.name, name=f"{run_dir.name}/{best.name}",
+                            replace_stale=True)
         print((out_dir / "test" / best.name / "results.md").read_text())
 
 

@@ -401,3 +401,57 @@ def test_a_hub_id_is_not_taken_for_a_missing_path():
     for local in ("./Qwen3", "../Qwen/Qwen3-8B", "/ckpts/Qwen3", "~/no_such_ckpt_here", "runs/x/checkpoints/step_1"):
         with pytest.raises(ValueError, match="no such checkpoint directory"):
             check_model_path(local)
+
+
+def test_select_evaluates_again_a_checkpoint_overwritten_at_the_same_path(tmp_path, seven_checkpoint):
+    tok = tiny_tokenizer()
+    run = tmp_path / "runs" / "reused"
+    step = run / "checkpoints" / "step_000010"
+    tiny_qwen3(vocab_size=len(tok)).save_pretrained(step)  # random: scores ~0
+    tok.save_pretrained(step)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "math500.jsonl", PROBLEMS)
+    argv = ["--select", str(run), "--dev", "math500", "--data-dir", str(tmp_path / "data"), "--k", "2",
+            "--max-new-tokens", "12"]
+    dev_records = run / "eval" / "dev" / "step_000010" / "math500.jsonl"
+
+    main(argv)
+    before = json.loads((run / "eval" / "select.json").read_text())["dev_acc"]["step_000010"]
+    first_records = dev_records.read_text()
+    main(argv)  # unchanged: the cached results are reused, nothing is sampled again
+    assert dev_records.read_text() == first_records
+
+    shutil.rmtree(step)  # a new run writes its own step_000010 into the same directory
+    shutil.copytree(seven_checkpoint, step)
+    main(argv)
+    after = json.loads((run / "eval" / "select.json").read_text())["dev_acc"]["step_000010"]
+    print(f"dev accuracy of step_000010: {before:.3f} before, {after:.3f} after it was overwritten")
+    assert before < 0.5 <= after  # the new weights were evaluated, not the old results reused
+    assert len(dev_records.read_text().splitlines()) == len(PROBLEMS)  # the old records are gone
+
+    (step / "meta.json").write_text(json.dumps({"step": 10, "wall_seconds": 1.5}))  # contents changed again
+    with pytest.raises(SystemExit, match="as it was before its files changed: use another --out"):
+        main(["--model", str(step), "--benchmarks", "math500", "--data-dir", str(tmp_path / "data"), "--k", "2",
+              "--max-new-tokens", "12", "--out", str(run / "eval" / "dev" / "step_000010")])
+
+
+def test_checkpoint_fingerprint_reads_contents_not_timestamps(tmp_path):
+    from eval import FINGERPRINT_SPAN, checkpoint_fingerprint
+    a = tmp_path / "a"
+    a.mkdir()
+    weights = bytearray(5 * FINGERPRINT_SPAN)
+    (a / "model.safetensors").write_bytes(weights)
+    (a / "meta.json").write_text('{"step": 10}')
+    first = checkpoint_fingerprint(a)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    os.utime(b / "model.safetensors", (0, 0))  # other timestamps, same contents
+    assert checkpoint_fingerprint(b) == first
+    weights[-1] = 1  # the last bytes of the last tensor: what an optimizer step changes
+    (a / "model.safetensors").write_bytes(weights)
+    assert checkpoint_fingerprint(a) != first
+    (a / "model.safetensors").write_bytes(bytes(5 * FINGERPRINT_SPAN))
+    assert checkpoint_fingerprint(a) == first
+    (a / "meta.json").write_text('{"step": 20}')
+    assert checkpoint_fingerprint(a) != first
+    assert checkpoint_fingerprint("Qwen/Qwen3-8B") is None  # a hub id: its name is the key
