@@ -34,9 +34,9 @@ from torch.utils.checkpoint import checkpoint
 
 def _chunk_logp(hidden, targets, lm_head, temperature):
     """(N, H) hidden states and (N,) targets -> (N,) log-probs at this temperature, in float32."""
-    # (N, V): the only full-vocabulary tensor, one chunk at a time. Divided in float32, as the
-    # sampler divides (sample.sampling_logprobs), so both compute the same log q_tau.
-    logits = lm_head(hidden).float() / temperature
+    logits = lm_head(hidden).float()  # (N, V): the only full-vocabulary tensor, one chunk at a time
+    if temperature != 1.0:  # divided in float32, as the sampler divides (sample.sampling_logprobs)
+        logits = logits / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
