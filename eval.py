@@ -11,12 +11,16 @@ the boxed-answer instruction, and `<think>` is enforced at the end of the prompt
 problem for MATH500, GPQA-Diamond, MMLU-Pro and GSM8K, k = 16 for AIME24 and AIME25. answer(y) is
 the content of the last \\boxed{} of the response. Maths answers are compared with the gold answer
 by math-verify (symbolic and numeric equivalence: \\dfrac{1}{2} = 0.5, 1,000 = 1000); a
-multiple-choice answer must be the gold letter.
+multiple-choice answer must name one choice, the gold letter (`\\boxed{B or C}` is wrong).
 
 Checkpoint selection (App. E): every checkpoint saved during training is evaluated on a dev set,
 and only the best one on the test benchmarks:
 
     python eval.py --select runs/NAME --dev aime24 --test math500,aime25,gpqa,mmlu_pro,gsm8k
+
+Results are kept per checkpoint (RUN_DIR/eval/dev/step_XXXXXX) and reused by a later --select only
+while the checkpoint's path and a fingerprint of its files (checkpoint_fingerprint) are unchanged:
+a checkpoint that a new run wrote over an old one's is evaluated again.
 
 Outputs under --out: BENCH.jsonl (one line per problem with its prompt, k responses, extracted
 answers and correct flags, appended as problems finish, so a stopped run resumes where it stopped),
@@ -44,7 +48,9 @@ Departures from the paper, and choices it leaves open:
 
 import argparse
 import gc
+import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -106,14 +112,34 @@ def grade_math(response: str, gold: str) -> bool:
         return False
 
 
+# One choice: a letter, bare or in parentheses, alone or followed by `.`, `:` or `)` and that choice's text.
+_ONE_CHOICE = re.compile(r"\s*(?:\((?P<paren>[A-J])\)|(?P<bare>[A-J])(?:[.:)]|(?=\s*$)))(?P<text>.*)",
+                         flags=re.DOTALL | re.IGNORECASE)
+# A second choice in that text: it opens with a connective (`or C`, `, C`, `/C`) or is a lone letter (`(B) C`) ...
+_HEDGE_START = re.compile(r"\s*(?:(?:or|and|nor)\b|\\lor|\\vee|[,/&;|+]|\(?[A-J]\)?[.:)]?\s*$)",
+                          flags=re.IGNORECASE)
+# ... or names another choice the way choices are named: `(C)`, or `C)` as a word (`f(a)` is not one)
+_CHOICE_MARKER = re.compile(r"(?<![\w\\])\([A-J]\)|(?<![\w(\\])[A-J]\)")
+
+
 def extract_choice(response: str) -> str | None:
-    """The letter in the last \\boxed{}: accepts B, (B), \\text{B}, B. and `B) the choice's text`."""
+    """The one letter named in the last \\boxed{}: B, (B), \\text{B}, B. and `B) the choice's text`.
+
+    None when the box names no choice or more than one: `B or C`, `B/C`, `B, C`, `B and C`,
+    `(B) or (C)`, `B) 4 kg, C) 5 kg`. A letter must stand alone or be followed by `.`, `:` or `)`,
+    so a sentence (`I think it is C`) is no answer, and its `I` is not choice I. A choice whose own
+    text names choices (`J) Both (A) and (B)`) is refused too when written out: box the letter alone."""
     boxed = extract_boxed(response)
     if boxed is None:
         return None
     boxed = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", boxed)
-    match = re.fullmatch(r"\s*\(?([A-Ja-j])\)?(?:[\s.:)].*)?", boxed, flags=re.DOTALL)
-    return match.group(1).upper() if match else None
+    match = _ONE_CHOICE.fullmatch(boxed)
+    if match is None:
+        return None
+    text = match.group("text")
+    if _HEDGE_START.match(text) or _CHOICE_MARKER.search(text):
+        return None
+    return (match.group("paren") or match.group("bare")).upper()
 
 
 def grade_choice(response: str, gold_letter: str) -> bool:
@@ -304,16 +330,57 @@ def results_table(rows: list[tuple[str, dict, dict | None]]) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def evaluate_checkpoint(model_path, benchmarks: list[str], args, out_dir: Path, name=None) -> dict:
-    """Every benchmark on one checkpoint; writes BENCH.jsonl, summary.json and results.md in out_dir."""
+FINGERPRINT_SPAN = 64 * 2**10  # bytes read from each end of a large checkpoint file
+
+
+def checkpoint_fingerprint(model_path) -> str | None:
+    """A hash of what a checkpoint directory holds (None for a hub id): every file's name and size,
+    the whole of each file up to 2 * FINGERPRINT_SPAN bytes (meta.json with train.py's step and wall
+    time, config.json), and the first and last FINGERPRINT_SPAN bytes of larger ones (a safetensors
+    header, then the end of its last tensors, which every optimizer step moves). Cheap (a few reads
+    per file, whatever the model's size) and independent of timestamps, so a copied run keeps its
+    cached results while an overwritten checkpoint gets new ones."""
+    root = Path(model_path)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * FINGERPRINT_SPAN:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(FINGERPRINT_SPAN))
+                f.seek(size - FINGERPRINT_SPAN)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def evaluate_checkpoint(model_path, benchmarks: list[str], args, out_dir: Path, name=None,
+                        replace_stale: bool = False) -> dict:
+    """Every benchmark on one checkpoint; writes BENCH.jsonl, summary.json and results.md in out_dir.
+
+    out_dir's config.json names the checkpoint and its fingerprint: results there are resumed only
+    for the same checkpoint with the same contents. For other contents at the same path (a run
+    written again into the same directory) they are deleted and redone when replace_stale (--select,
+    whose cache this is), else refused."""
     from transformers import AutoTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.json"
-    earlier = json.loads(config_path.read_text())["model"] if config_path.exists() else str(model_path)
-    if earlier != str(model_path):
-        raise SystemExit(f"{out_dir} holds results of {earlier}: use another --out")
-    config_path.write_text(json.dumps({"model": str(model_path)}, indent=2) + "\n")
+    current = {"model": str(model_path), "fingerprint": checkpoint_fingerprint(model_path)}
+    earlier = json.loads(config_path.read_text()) if config_path.exists() else current
+    if earlier.get("model") != current["model"]:
+        raise SystemExit(f"error: {out_dir} holds results of {earlier.get('model')}: use another --out")
+    if earlier.get("fingerprint") != current["fingerprint"]:
+        if not replace_stale:
+            raise SystemExit(f"error: {out_dir} holds results of {model_path} as it was before its files changed: "
+                             f"use another --out")
+        print(f"{model_path} changed since its results in {out_dir} were written: evaluating it again")
+        for stale in [*out_dir.glob("*.jsonl"), out_dir / "summary.json", out_dir / "results.md"]:
+            stale.unlink(missing_ok=True)
+    config_path.write_text(json.dumps(current, indent=2) + "\n")
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     # one model or engine per checkpoint, shared by its benchmarks
@@ -365,10 +432,10 @@ def select(args) -> None:
     out_dir = Path(args.out) if args.out else run_dir / "eval"
     checkpoints = checkpoints_of(run_dir)
     if not checkpoints:
-        raise SystemExit(f"no checkpoints under {run_dir / 'checkpoints'}")
+        raise SystemExit(f"error: no checkpoints under {run_dir / 'checkpoints'}")
     dev_acc, rows = {}, []
     for ckpt in checkpoints:
-        summary = evaluate_checkpoint(ckpt, [args.dev], args, out_dir / "dev" / ckpt.name)
+        summary = evaluate_checkpoint(ckpt, [args.dev], args, out_dir / "dev" / ckpt.name, replace_stale=True)
         dev_acc[ckpt.name] = summary[args.dev]["acc"]
         rows.append((ckpt.name, {args.dev: summary[args.dev]}, read_meta(ckpt)))
     best = max(checkpoints, key=lambda c: dev_acc[c.name])  # max() keeps the first of equal values
@@ -378,8 +445,35 @@ def select(args) -> None:
                                        + results_table(rows))
     print((out_dir / "select.md").read_text())
     if args.test:
-        evaluate_checkpoint(best, args.test, args, out_dir / "test" / best.name, name=f"{run_dir.name}/{best.name}")
+        evaluate_checkpoint(best, args.test, args, out_dir / "test" / best.name, name=f"{run_dir.name}/{best.name}",
+                            replace_stale=True)
         print((out_dir / "test" / best.name / "results.md").read_text())
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # `name` or `org/name`, as the hub spells model ids
+
+
+def check_model_path(name: str, flag: str = "--model") -> str:
+    """A checkpoint name as given, `~` expanded. A name that looks like a local path (it starts with
+    ./, ../, / or ~, or has a separator and is not `org/name`) must be a directory: otherwise
+    ValueError, one line, instead of the traceback transformers prints when it tries the hub."""
+    local = name.startswith((".", "/", "~")) or (os.sep in name and not HUB_ID.fullmatch(name))
+    path = os.path.expanduser(name)
+    if local and not os.path.isdir(path):
+        raise ValueError(f"{flag} {name}: no such checkpoint directory")
+    return path
+
+
+def check_data_dir(data_dir, benchmarks: list[str]) -> None:
+    """DATA_DIR is a directory holding every benchmark asked for (the toy needs none): ValueError, one line."""
+    if not Path(data_dir).is_dir():
+        raise ValueError(f"--data-dir {data_dir}: no such directory")
+    for bench in benchmarks:
+        if bench != "toy":
+            try:
+                load_benchmark(bench, data_dir, limit=1)
+            except FileNotFoundError as e:
+                raise ValueError(f"--data-dir: {e}") from None
 
 
 def benchmark_list(text: str) -> list[str]:
@@ -437,6 +531,13 @@ def main(argv=None):
     except ImportError as e:
         raise SystemExit(f"error: {e}")
     benches = ([args.dev] + args.test) if args.select else args.benchmarks
+    try:  # bad paths end in one line, before any model is loaded
+        if args.model is not None:
+            args.model = check_model_path(args.model)
+        if args.data_dir is not None:
+            check_data_dir(args.data_dir, list(dict.fromkeys(benches)))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     for b in dict.fromkeys(benches):
         k = args.k or K_DEFAULT[b]
         print(f"{b}: k={k} samples per problem, up to {max_new_tokens_for(b, args)} new tokens, "

@@ -1,4 +1,5 @@
-"""Training cost model: FLOP per rollout for on-policy (prefix) distillation (paper Appendix B).
+"""Training cost model: FLOP per rollout for on-policy (prefix) distillation (paper Appendix B), and
+the same count for the objectives it is compared with (GKD, SeqKD/SFT, off-policy GKD).
 
 The paper counts cost with VERL's FlopsCounter, the estimate VERL uses to report MFU. For a dense
 Qwen2/Qwen3/Llama-style decoder with hidden size h, MLP size I, n_layers layers, n_heads query
@@ -15,6 +16,44 @@ L_train). Per rollout the student S is trained once (forward + backward) and run
 once to sample and once for the old log-probs; the teacher T runs forward once for teacher_logp.
 Sampling with a KV cache runs every weight matmul once per token, as one forward pass over the
 finished sequence does, which is why F_fwd stands in for it.
+
+Other objectives (step_flops), counted the same way: whoever samples pays F_fwd of its model on
+the sampled sequences, the student pays F_train for its update, and the teacher pays one more
+F_fwd when the loss reads its distribution and sampling has not already produced it. s_i is the
+length of sequence i (prompt plus the response tokens trained on), whoever wrote the response.
+
+    loss  rollouts from  FLOP per step                          passes
+    opd   student        F_train(S) + 2 F_fwd(S) + F_fwd(T)     sample, old log-probs, teacher_logp, update
+    gkd   student        F_train(S) +   F_fwd(S) + F_fwd(T)     sample, teacher logits, update
+    gkd   teacher        F_train(S) + 2 F_fwd(T)                teacher samples, teacher logits, update
+    gkd   dataset        F_train(S) +   F_fwd(T)                teacher logits, update
+    sft   student        F_train(S) +   F_fwd(S)                sample, update
+    sft   teacher        F_train(S) +   F_fwd(T)                SeqKD: teacher samples, update
+    sft   dataset        F_train(S)                             update only: nothing sampled, no teacher
+
+  - OPD is Appendix B's formula. Its second student forward is VERL's old-log-prob pass: VERL
+    recomputes log pi_old with the trainer before the update, as the denominator of its importance
+    ratio. The count keeps it so that OPD's numbers are the paper's (train.py takes log q from the
+    sampler and runs no such pass, so it executes F_fwd(S) less than it reports). OPD needs the
+    student's own rollouts: step_flops refuses it with teacher or dataset rollouts.
+  - On-policy GKD (Agarwal et al. 2024; paper §5.3): the student samples (F_fwd(S)), the teacher
+    runs forward over the rollouts for its full next-token distributions (F_fwd(T)), and the
+    student trains on the divergence (F_train(S)). No old-log-prob pass is counted: the GKD loss has
+    no importance ratio, it compares the two distributions at the current weights, so nothing needs
+    log pi_old. The teacher's full logits cost what OPD's teacher_logp costs: the lm_head matmul is
+    2 V h per token whether one log-prob or all V are kept. The divergence itself is O(V)
+    elementwise work per token (two log-softmaxes, the mixture, two KLs: roughly 70 V FLOP forward
+    and backward, 1e7 for Qwen3's vocabulary), left out like every softmax here: under 0.1% of the
+    8 N_dense = 16 GFLOP per token a Qwen3-1.7B student spends sampling and training.
+  - Off-policy GKD (the teacher samples): F_fwd(T) to sample, then F_fwd(T) again for the full
+    logits, because sampling keeps one log-prob per position, not V logits per position (L x V
+    floats per rollout), then F_train(S).
+  - SeqKD (SFT on the teacher's samples): F_fwd(T) to sample, F_train(S) for the student's NLL.
+    The loss reads the tokens only, so the teacher is not run again.
+  - SFT on dataset responses samples nothing: F_train(S), plus F_fwd(T) only when the loss reads
+    the teacher (GKD on dataset responses).
+  - Passes run only for logging are not counted (train.py scores every rollout with the teacher
+    to log the reverse KL, under --loss sft too): the count is the objective's cost, as Appendix B's is.
 
 Source: `_estimate_qwen2_flops` in verl/utils/flops_counter.py (github.com/volcengine/verl), the
 function VERL's FlopsCounter picks for model_type qwen2, qwen3 and llama. The paper cites commit
@@ -149,6 +188,34 @@ def opd_flops(student_config, teacher_config, seqlens):
     return (train_flops(student_config, seqlens)          # student update, forward + backward
             + 2 * forward_flops(student_config, seqlens)  # sampling + old log-prob pass
             + forward_flops(teacher_config, seqlens))     # teacher_logp
+
+
+LOSSES = ("opd", "gkd", "sft")
+ROLLOUT_SOURCES = ("student", "teacher", "dataset")
+
+
+def step_flops(student_config, teacher_config, seqlens, loss: str = "opd", rollouts_from: str = "student") -> int:
+    """FLOP of one step of this objective on sequences of these prompt+response lengths (the table in
+    the module docstring). teacher_config may be None where the teacher is not run (sft on the
+    student's samples or on dataset responses)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if rollouts_from not in ROLLOUT_SOURCES:
+        raise ValueError(f"rollouts_from must be one of {ROLLOUT_SOURCES}, got {rollouts_from!r}")
+    if loss == "opd":
+        if rollouts_from != "student":
+            raise ValueError(f"OPD's estimator needs the student's own rollouts, not {rollouts_from} ones")
+        return opd_flops(student_config, teacher_config, seqlens)
+    if teacher_config is None and (loss == "gkd" or rollouts_from == "teacher"):
+        raise ValueError(f"loss {loss!r} with {rollouts_from} rollouts runs the teacher: pass its config")
+    flops = train_flops(student_config, seqlens)  # the student's update, forward + backward
+    if rollouts_from == "student":
+        flops += forward_flops(student_config, seqlens)  # the student samples
+    elif rollouts_from == "teacher":
+        flops += forward_flops(teacher_config, seqlens)  # the teacher samples
+    if loss == "gkd":
+        flops += forward_flops(teacher_config, seqlens)  # the teacher's full next-token distributions
+    return flops
 
 
 def main(argv=None):

@@ -17,6 +17,23 @@ full-vocabulary GKD divergences it is compared with.
    token is pushed by its own log-ratio only, a biased but much lower-variance per-token signal
    (tests/test_loss.py measures the bias by exact enumeration).
 
+   Temperature tau (paper: tau = 1). The sampler draws from the tempered student
+   q_tau = softmax(z_theta / tau) and records log q_tau (sample.py); the student's log-probs in the
+   ratio are score.token_logprobs(..., temperature=tau), log q_tau itself, so rho_t = 1 on the
+   trainer's own rollouts at any tau (tests/test_score.py), and the divergence minimised is
+       KL(q_tau || pi_T) = E_{y ~ q_tau} [ sum_t log q_tau(y_t | y_<t) - log pi_T(y_t | y_<t) ],
+   the reverse KL from the tempered student to the teacher at temperature 1 (the teacher is scored
+   by token_logprobs at its default tau = 1, the paper's pi_T). The advantage is then
+   A_t = log pi_T(y_t) - log q_tau(y_t), the per-token log-ratio of that KL, and the logged
+   reverse-KL estimate log q - log pi_T is its mean. The minimiser is q_tau = pi_T: the student's
+   logits become tau * z_T (up to a constant per position), so the student sampled at tau
+   reproduces the teacher sampled at 1, and the student at temperature 1 is the teacher at
+   temperature 1 / tau. Scoring the teacher at tau as well would instead target z_theta = z_T (the
+   teacher's shape at every temperature); it is not done, so that at tau = 1 both readings are
+   Eq. 1 and the objective stays "make what the student samples look like what the teacher says".
+   Top-p < 1 is refused for training (score.check_sampling_is_scorable): no scorer reproduces the
+   sampler's nucleus exactly, so the ratio could not be 1.
+
    Normalisation: summed over the tokens of a sequence (the paper sums over the sequence length:
    Eq. 1 is a sequence-level KL, so a sequence's tokens are not averaged away) and divided by the
    number of sequences in the *global* batch, passed in as `num_sequences`. Dividing by a global

@@ -57,8 +57,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, grade, load_benchmark, load_hf_model, make_sampler,
-                  max_new_tokens_for, user_turn)
+from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, check_data_dir, check_model_path, grade,
+                  load_benchmark, load_hf_model, make_sampler, max_new_tokens_for, user_turn)
 from sample import build_prompt, describe_backend
 from score import check_same_vocabulary
 
@@ -309,9 +309,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    try:  # bad paths end in one line, before any model is loaded
+        args.student = check_model_path(args.student, "--student")
+        args.teacher = check_model_path(args.teacher, "--teacher")
+        if args.data_dir is not None:
+            check_data_dir(args.data_dir, [args.benchmark])
         print(describe_backend(args.backend))
-    except ImportError as e:
+    except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     from transformers import AutoTokenizer
 

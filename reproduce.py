@@ -43,7 +43,7 @@ PROBE_L = 32  # the short prefix of the GKD, window and KL-beyond-the-prefix com
 
 # name: (group, train.py flags). L_train and the objective are all the runs differ in.
 EXPERIMENTS = {
-    "full OPD": ("fig4", f"--prefix 0 --kl-probe-every {{probe_every}}"),
+    "full OPD": ("fig4", "--prefix 0 --kl-probe-every {probe_every}"),
     "prefix 8": ("fig4", "--prefix 8 --prefix-step 0"),
     "prefix 16": ("fig4", "--prefix 16 --prefix-step 0"),
     f"prefix {PROBE_L}": ("fig4", f"--prefix {PROBE_L} --prefix-step 0 --kl-probe-every {{probe_every}}"),
@@ -214,7 +214,7 @@ def write_page(out: Path, runs: dict, s: dict, mode: str, wall: float):
         (i0, b0), (i1, b1) = kl_beyond(runs[name][0][1], PROBE_L)
         lines.append(f"| {name} (L = {PROBE_L} for the split) | {fmt(i0)} → {fmt(i1)} | {fmt(b0)} → {fmt(b1)} |")
     lines += ["", "## Teacher-prefix probe (Figure 3)", "", "![probe](probe/probe.png)", ""] + probe_table(out)
-    lines += ["", f"## Which tokens get gradient (Table 3), all sampled in full", ""]
+    lines += ["", "## Which tokens get gradient (Table 3), all sampled in full", ""]
     lines += accuracy_table(runs, names("table3"), full_flops)
     lines += ["", f"## GKD at L_train = {PROBE_L} (Figure 6): beta 0 forward KL, 1 reverse; lambda 0 dataset "
               "responses, 1 the student's own", ""]

@@ -3,9 +3,20 @@ Student rollouts that stop after L_train tokens.
 
 What it computes: for every prompt x, n responses y ~ q(. | x), where q is the student's next-token
 distribution at temperature tau and nucleus top-p (paper: tau = 1, p = 1), together with
-log q(y_t | x, y_<t) for every sampled token. Generation stops at EOS or after max_new_tokens =
-L_train tokens (paper §3: prefix OPD never generates past the trained prefix; that early stop is
-where the saving comes from, so this is a real stop, not generate-then-truncate).
+log q(y_t | x, y_<t) for every sampled token. Generation stops at a stop token or after
+max_new_tokens = L_train tokens (paper §3: prefix OPD never generates past the trained prefix; that
+early stop is where the saving comes from, so this is a real stop, not generate-then-truncate).
+
+The stop tokens (stop_token_ids) are the tokenizer's EOS, the generation config's EOS ids and the
+chat template's end-of-turn token. The last is what a base student needs: the prompt is a ChatML
+user turn, so its answer ends with `<|im_end|>`, but a base checkpoint may name only
+`<|endoftext|>` as its EOS, and a rollout that stops only there runs on past `<|im_end|>` into
+invented turns whose last \boxed{} would be graded. Which token Qwen3's *-Base checkpoints name
+varies with the file and the revision: QwenLM/Qwen3#1422 (github.com/QwenLM/Qwen3/issues/1422, May
+2025) reports their tokenizer_config.json giving `<|im_end|>` (151645) while config.json and
+generation_config.json give `<|endoftext|>` (151643), and asks for `<|endoftext|>` everywhere;
+unslothai/unsloth#2945 quotes Qwen3-8B-Base's config.json with 151643. Reading the end-of-turn
+token from the template stops a base student at the end of its turn whichever revision is loaded.
 
 The sampler's log-probs are the denominator of the importance ratio pi_theta / q in loss.py. They
 are the log-probs of the distribution the token was actually drawn from (after temperature and
@@ -35,9 +46,9 @@ BOXED_INSTRUCTION = "Please reason step by step, and put your final answer withi
 @dataclass
 class Rollout:
     prompt_ids: list[int]
-    completion_ids: list[int]  # ends with EOS unless truncated
+    completion_ids: list[int]  # ends with a stop token unless truncated
     sampler_logp: list[float]  # log q(y_t | x, y_<t) for every completion token
-    truncated: bool  # stopped by max_new_tokens (= L_train), not by EOS
+    truncated: bool  # stopped by max_new_tokens (= L_train), not by a stop token
     prompt_index: int  # global index of the prompt: the seed of its rollouts
 
 
@@ -52,6 +63,41 @@ def build_prompt(tokenizer, problem: str, instruction: str | None = BOXED_INSTRU
     if "<think>" in tokenizer.get_vocab() and not text.rstrip().endswith("<think>"):
         text += "<think>\n"  # paper §3: the student must start by thinking, base model or not
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+END_OF_TURN_PROBE = "END-OF-TURN-PROBE"  # assistant content whose rendering shows what follows a turn
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the chat template (ChatML: `<|im_end|>`).
+
+    Found by rendering a one-exchange chat whose assistant content is END_OF_TURN_PROBE and taking
+    the first special token after it. Without a template (or when it cannot render that chat) the
+    prompt is build_prompt's ChatML layout, whose turns end with `<|im_end|>` when the vocabulary has it."""
+    if tokenizer.chat_template is not None:
+        chat = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
+        try:
+            text = tokenizer.apply_chat_template(chat, tokenize=False)
+        except Exception:  # a template that rejects this chat (roles, tools): fall back to ChatML below
+            text = None
+        if isinstance(text, str) and END_OF_TURN_PROBE in text:
+            after = text[text.rindex(END_OF_TURN_PROBE) + len(END_OF_TURN_PROBE):]
+            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                        if t.special}
+            return next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)
+    return tokenizer.get_vocab().get("<|im_end|>")
+
+
+def stop_token_ids(tokenizer, model_or_generation_config=None) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS, the generation config's EOS ids (a model's
+    generation_config, or a GenerationConfig / model config given directly) and the chat template's
+    end-of-turn token. Sorted, without duplicates."""
+    config = getattr(model_or_generation_config, "generation_config", model_or_generation_config)
+    generation_eos = getattr(config, "eos_token_id", None)
+    generation_eos = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) \
+        else list(generation_eos)
+    ids = {tokenizer.eos_token_id, *generation_eos, end_of_turn_id(tokenizer)}
+    return sorted(i for i in ids if i is not None)
 
 
 def rollout_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -92,7 +138,8 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
 def sample_hf(model, prompts: list[list[int]], n: int, max_new_tokens: int, *, eos_token_id,
               pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
               prompt_indices: list[int] | None = None, batch_size: int = 64) -> list[Rollout]:
-    """n rollouts per prompt (prompt-major order), each stopped at EOS or after max_new_tokens."""
+    """n rollouts per prompt (prompt-major order), each stopped at a stop token (eos_token_id: one id or a
+    list, e.g. stop_token_ids(...)) or after max_new_tokens."""
     check_sampling_args(prompts, n, max_new_tokens, temperature, top_p)
     prompt_indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
@@ -176,12 +223,8 @@ class HFSampler:
     def __init__(self, model, tokenizer, *, temperature=1.0, top_p=1.0, batch_size=64, kv_cache_bytes=None):
         self.model, self.temperature, self.top_p, self.batch_size = model, temperature, top_p, batch_size
         self.kv_cache_bytes = kv_cache_bytes
-        # Stop at the tokenizer's EOS and at the model's generation EOS ids (Qwen3: <|im_end|> and
-        # <|endoftext|>), as vLLM does.
-        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        generation_eos = [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) \
-            else list(generation_eos)
-        self.eos_token_id = sorted({tokenizer.eos_token_id, *generation_eos})
+        # the tokenizer's EOS, the model's generation EOS ids and the template's end of turn
+        self.eos_token_id = stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def rows_per_batch(self, prompts, max_new_tokens) -> int:
@@ -297,9 +340,17 @@ class VLLMSampler:
             enforce_eager=self.on_cpu,  # no graphs to capture on CPU; GPUs keep CUDA graphs
             **scheduler_kwargs(self.on_cpu),  # never split a seeded prompt on CPU (see scheduler_kwargs)
         )
+        # Stop where sample_hf stops. vLLM itself stops at the tokenizer's and the generation
+        # config's EOS ids, not at the chat template's end of turn.
+        from transformers import GenerationConfig
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json
+            generation_config = None
+        self.stop_token_ids = stop_token_ids(self.llm.get_tokenizer(), generation_config)
 
     def generate(self, prompts, n, max_new_tokens, seed, prompt_indices=None) -> list[Rollout]:
-        """n rollouts per prompt (prompt-major order), each stopped at EOS or after max_new_tokens."""
+        """n rollouts per prompt (prompt-major order), each stopped at a stop token or after max_new_tokens."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -314,13 +365,14 @@ class VLLMSampler:
                 params.append(SamplingParams(
                     n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=max_new_tokens,
                     logprobs=0,  # the sampled token's log-prob only (0 extra top-k alternatives)
-                    seed=rollout_seed(seed, prompt_indices[i], j), detokenize=False))
+                    seed=rollout_seed(seed, prompt_indices[i], j), stop_token_ids=self.stop_token_ids,
+                    detokenize=False))
         outputs = self.llm.generate(requests, params, use_tqdm=False)  # same order as requests
         rollouts = []
         for k, out in enumerate(outputs):
             i = k // n
             completion = out.outputs[0]
-            completion_ids = list(completion.token_ids)  # ends with EOS when stopped by it
+            completion_ids = list(completion.token_ids)  # ends with the stop token when stopped by one
             sampler_logp = [step[token].logprob for step, token in zip(completion.logprobs, completion_ids)]
             rollouts.append(Rollout(
                 prompt_ids=list(prompts[i]), completion_ids=completion_ids, sampler_logp=sampler_logp,

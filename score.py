@@ -1,9 +1,18 @@
 """
 Per-token log-probs of a causal LM, without the full-vocabulary logits of the whole sequence.
 
-What it computes: logp[b, t] = log pi(x[b, t+1] | x[b, <=t]) for t = 0 .. T-2, shape (B, T-1).
-The teacher calls it under no_grad to score the student's sampled tokens (log pi_T in Eq. 1); the
-student calls it with grad (log pi_theta in the importance ratio of loss.py).
+What it computes: logp[b, t] = log pi_tau(x[b, t+1] | x[b, <=t]) for t = 0 .. T-2, shape (B, T-1),
+where pi_tau = softmax(logits / tau) is the model at temperature tau (default 1: the model itself).
+The teacher calls it under no_grad, at tau = 1, to score the student's sampled tokens (log pi_T in
+Eq. 1); the student calls it with grad, at the sampler's temperature, for log pi_theta in the
+importance ratio of loss.py: then it is the log-prob of the very distribution q_tau the sampler drew
+from (sample.py), and on the trainer's own rollouts the ratio pi_theta / q is 1.
+
+Top-p < 1 is not scored: the nucleus is the smallest set of tokens holding mass p, and whether a
+token near its boundary is in it depends on rounding. sample.py, vLLM and this forward pass each
+compute the logits and the cumulative sums their own way, so a token can be inside the sampler's
+nucleus and outside the trainer's (log-ratio -inf), and wherever the two nuclei differ every token's
+renormalised log-prob differs too. check_sampling_is_scorable refuses top-p < 1.
 
 Why chunks: the lm_head turns (positions, hidden) into (positions, vocab). For a 16k-token response
 and Qwen3's 151,936-token vocabulary that is ~5 GB of bf16 logits per sequence (paper footnote 2),
@@ -23,14 +32,19 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logp(hidden, targets, lm_head):
-    """(N, H) hidden states and (N,) targets -> (N,) log-probs, in float32."""
+def _chunk_logp(hidden, targets, lm_head, temperature):
+    """(N, H) hidden states and (N,) targets -> (N,) log-probs at this temperature, in float32."""
     logits = lm_head(hidden).float()  # (N, V): the only full-vocabulary tensor, one chunk at a time
+    if temperature != 1.0:  # divided in float32, as the sampler divides (sample.sampling_logprobs)
+        logits = logits / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logprobs(model, input_ids, attention_mask=None, chunk_size: int = 512) -> torch.Tensor:
-    """log pi(x_{t+1} | x_{<=t}) for every position: (B, T) ids -> (B, T-1) float32 log-probs."""
+def token_logprobs(model, input_ids, attention_mask=None, chunk_size: int = 512,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi_tau(x_{t+1} | x_{<=t}) for every position: (B, T) ids -> (B, T-1) float32 log-probs."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be (B, T) with T >= 2, got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -46,10 +60,21 @@ def token_logprobs(model, input_ids, attention_mask=None, chunk_size: int = 512)
     for s in range(0, flat_hidden.shape[0], chunk_size):
         h, y = flat_hidden[s:s + chunk_size], flat_targets[s:s + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:  # recompute this chunk's logits in backward
-            chunks.append(checkpoint(_chunk_logp, h, y, lm_head, use_reentrant=False))
+            chunks.append(checkpoint(_chunk_logp, h, y, lm_head, temperature, use_reentrant=False))
         else:
-            chunks.append(_chunk_logp(h, y, lm_head))
+            chunks.append(_chunk_logp(h, y, lm_head, temperature))
     return torch.cat(chunks).view(B, T - 1)
+
+
+def check_sampling_is_scorable(temperature: float, top_p: float) -> None:
+    """Training needs log q of every sampled token from the trainer's own forward pass (the importance
+    ratio's numerator): any temperature > 0 can be scored, a nucleus (top-p < 1) cannot (module docstring)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (sampling, not greedy), got {temperature}")
+    if top_p != 1.0:
+        raise ValueError(f"top-p {top_p} is not supported in training: the student's log-probs cannot reproduce "
+                         f"the sampler's nucleus, so the importance ratio would not be 1 on its own rollouts; "
+                         f"use top-p 1 (temperature is supported)")
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student=None, teacher=None) -> None:

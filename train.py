@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path

@@ -29,13 +29,15 @@ def tiny_qwen3(vocab_size=64, hidden_size=64, layers=2, heads=2, kv_heads=1, hea
     return Qwen3ForCausalLM(config).to(dtype).eval()
 
 
-def tiny_tokenizer(with_think=True):
-    """Character-level fast tokenizer with ChatML special tokens and a Qwen-style chat template."""
+def tiny_tokenizer(with_think=True, eos_token="<|im_end|>"):
+    """Character-level fast tokenizer with ChatML special tokens and a Qwen-style chat template.
+    eos_token="<|endoftext|>" adds that token as the EOS, as base checkpoints name it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"] + (["<think>", "</think>"] if with_think else [])
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"] + (["<think>", "</think>"] if with_think else []) \
+        + ([eos_token] if eos_token != "<|im_end|>" else [])
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
@@ -43,7 +45,7 @@ def tiny_tokenizer(with_think=True):
     tok.add_special_tokens(specials)
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token="<|pad|>",
                                    chat_template=template)
 
 
@@ -66,3 +68,14 @@ def write_tiny_run(d: Path, edit=None) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()
+
+
+@torch.no_grad()
+def favour_token(model, token_id: int, input_ids: list[int], scale: float = 0.5):
+    """Make `token_id` likely after any context: its lm_head row becomes `scale` times the unit mean
+    direction of the model's last hidden states over `input_ids`, which every position's hidden state
+    leans towards (a random tiny Qwen3: about 8% per token at scale 0.5, against 1% uniformly)."""
+    hidden = model.get_decoder()(input_ids=torch.tensor([input_ids])).last_hidden_state[0]  # (T, H)
+    direction = hidden.mean(0)
+    model.get_output_embeddings().weight[token_id] = scale * direction / direction.norm()
+    return model

@@ -120,10 +120,34 @@ def test_last_boxed_counts():
     ("\\boxed{B}", "B"), ("\\boxed{(B)}", "B"), ("\\boxed{\\text{B}}", "B"), ("\\boxed{\\textbf{(B)}}", "B"),
     ("\\boxed{B. 42 kg}", "B"), ("\\boxed{B) 42 kg}", "B"), ("\\boxed{b}", "B"),
     ("I pick A. \\boxed{J}", "J"), ("\\boxed{Bob}", None), ("\\boxed{AB}", None), ("the answer is B", None),
+    ("\\boxed{B:}", "B"), ("\\boxed{(B).}", "B"), ("\\boxed{\\mathrm{B}}", "B"),
+    # a choice's own text may hold articles, letters in formulas and connectives after its start
+    ("\\boxed{(B) A triangle}", "B"), ("\\boxed{B) Andrew}", "B"), ("\\boxed{B. f(a) = 2}", "B"),
+    ("\\boxed{B) 5 or 6 kg}", "B"),
 ])
 def test_choice_letter(response, letter):
     assert extract_choice(response) == letter
     assert grade_choice(response, "B") is (letter == "B")
+
+
+@pytest.mark.parametrize("boxed", [
+    "B or C", "B/C", "B, C", "B and C", "B & C", "B;C", "B \\lor C", "B \\text{ or } C", "\\text{B or C}",
+    "(B) or (C)", "(B)/(C)", "(B), (C)", "B) or C)", "B. C.", "(B) C", "B) 42 kg, C) 50 kg", "B) 42 kg or (C) 50 kg",
+    "I think it is C", "I think it is B", "It is B", "B is correct", "B 42 kg",
+])
+def test_an_answer_naming_more_than_one_choice_or_a_sentence_is_wrong(boxed):
+    response = f"Hmm.\n</think>\nThe answer is $\\boxed{{{boxed}}}$."
+    assert extract_choice(response) is None
+    for gold in "BCI":  # never right, whichever letter it names or starts with (MMLU-Pro has a choice I)
+        assert grade_choice(response, gold) is False
+
+
+def test_hedged_answers_are_wrong_and_single_answers_right_when_the_gold_is_b():
+    wrong = ["B or C", "B/C", "B, C", "B and C", "I think it is C"]
+    right = ["B", "(B)", "\\text{B}", "B) text"]
+    assert [grade_choice(f"\\boxed{{{a}}}", "B") for a in wrong] == [False] * len(wrong)
+    assert [grade_choice(f"\\boxed{{{a}}}", "B") for a in right] == [True] * len(right)
+    assert grade(dict(problem="?", choices=list("abcdefghij"), answer="B"), "\\boxed{B or C}") is False
 
 
 # ----------------------------------------------------------------------------- malformed outputs
@@ -328,3 +352,87 @@ def test_vllm_backend_writes_the_same_records(tmp_path, seven_checkpoint):
     for r in records:
         assert r["correct"] == [grade_math(y, "7") for y in r["responses"]] and len(r["responses"]) == 2
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["math500"]["acc"] >= 0.75
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "./no/such/ckpt"], "error: --model ./no/such/ckpt: no such checkpoint directory"),
+    (["--model", "{tmp}/gone/step_000010"], "error: --model {tmp}/gone/step_000010: no such checkpoint directory"),
+    (["--model", "{tmp}/ckpt", "--data-dir", "{tmp}/nowhere"], "error: --data-dir {tmp}/nowhere: no such directory"),
+    (["--model", "{tmp}/ckpt", "--data-dir", "{tmp}/data"], "error: --data-dir: no math500 data in {tmp}/data"),
+    (["--select", "{tmp}/no_run", "--dev", "math500"], "error: no checkpoints under {tmp}/no_run/checkpoints"),
+])
+def test_bad_paths_end_in_one_line_errors(tmp_path, flags, message):
+    """The script itself: exit status 1 and one `error: ...` line, no traceback, nothing written."""
+    (tmp_path / "ckpt").mkdir()  # only its existence is checked before the error
+    (tmp_path / "data").mkdir()  # exists, but holds no math500.jsonl
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--benchmarks", "math500", "--out", str(tmp_path / "out"),
+           *[f.format(tmp=tmp_path) for f in flags]]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD_ENV)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_is_not_taken_for_a_missing_path():
+    from eval import check_model_path
+    assert check_model_path("Qwen/Qwen3-1.7B-Base") == "Qwen/Qwen3-1.7B-Base"
+    assert check_model_path("gpt2") == "gpt2"
+    assert check_model_path("~") == str(Path.home())  # `~` is expanded: transformers would not
+    for local in ("./Qwen3", "../Qwen/Qwen3-8B", "/ckpts/Qwen3", "~/no_such_ckpt_here", "runs/x/checkpoints/step_1"):
+        with pytest.raises(ValueError, match="no such checkpoint directory"):
+            check_model_path(local)
+
+
+def test_select_evaluates_again_a_checkpoint_overwritten_at_the_same_path(tmp_path, seven_checkpoint):
+    tok = tiny_tokenizer()
+    run = tmp_path / "runs" / "reused"
+    step = run / "checkpoints" / "step_000010"
+    tiny_qwen3(vocab_size=len(tok)).save_pretrained(step)  # random: scores ~0
+    tok.save_pretrained(step)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "math500.jsonl", PROBLEMS)
+    argv = ["--select", str(run), "--dev", "math500", "--data-dir", str(tmp_path / "data"), "--k", "2",
+            "--max-new-tokens", "12"]
+    dev_records = run / "eval" / "dev" / "step_000010" / "math500.jsonl"
+
+    main(argv)
+    before = json.loads((run / "eval" / "select.json").read_text())["dev_acc"]["step_000010"]
+    first_records = dev_records.read_text()
+    main(argv)  # unchanged: the cached results are reused, nothing is sampled again
+    assert dev_records.read_text() == first_records
+
+    shutil.rmtree(step)  # a new run writes its own step_000010 into the same directory
+    shutil.copytree(seven_checkpoint, step)
+    main(argv)
+    after = json.loads((run / "eval" / "select.json").read_text())["dev_acc"]["step_000010"]
+    print(f"dev accuracy of step_000010: {before:.3f} before, {after:.3f} after it was overwritten")
+    assert before < 0.5 <= after  # the new weights were evaluated, not the old results reused
+    assert len(dev_records.read_text().splitlines()) == len(PROBLEMS)  # the old records are gone
+
+    (step / "meta.json").write_text(json.dumps({"step": 10, "wall_seconds": 1.5}))  # contents changed again
+    with pytest.raises(SystemExit, match="as it was before its files changed: use another --out"):
+        main(["--model", str(step), "--benchmarks", "math500", "--data-dir", str(tmp_path / "data"), "--k", "2",
+              "--max-new-tokens", "12", "--out", str(run / "eval" / "dev" / "step_000010")])
+
+
+def test_checkpoint_fingerprint_reads_contents_not_timestamps(tmp_path):
+    from eval import FINGERPRINT_SPAN, checkpoint_fingerprint
+    a = tmp_path / "a"
+    a.mkdir()
+    weights = bytearray(5 * FINGERPRINT_SPAN)
+    (a / "model.safetensors").write_bytes(weights)
+    (a / "meta.json").write_text('{"step": 10}')
+    first = checkpoint_fingerprint(a)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    os.utime(b / "model.safetensors", (0, 0))  # other timestamps, same contents
+    assert checkpoint_fingerprint(b) == first
+    weights[-1] = 1  # the last bytes of the last tensor: what an optimizer step changes
+    (a / "model.safetensors").write_bytes(weights)
+    assert checkpoint_fingerprint(a) != first
+    (a / "model.safetensors").write_bytes(bytes(5 * FINGERPRINT_SPAN))
+    assert checkpoint_fingerprint(a) == first
+    (a / "meta.json").write_text('{"step": 20}')
+    assert checkpoint_fingerprint(a) != first
+    assert checkpoint_fingerprint("Qwen/Qwen3-8B") is None  # a hub id: its name is the key

@@ -206,3 +206,74 @@ def test_cli_prints_one_row_per_L_train(capsys):
     assert [row[0] for row in rows] == ["256", "16384"]
     assert float(rows[0][3].rstrip("x")) > 1.0
     assert rows[1][3] == "1.0x"  # at L_train = full length prefix OPD is full OPD
+
+
+# ----------------------------------------------------------------------------- per objective
+
+S, T = "Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-8B"
+SEQLENS = [456, 1200, 16584]
+# (loss, rollouts from) -> who runs what: (student forwards, teacher forwards) besides the update
+PASSES = {
+    ("opd", "student"): (2, 1),  # sample, old log-probs (App. B); teacher_logp
+    ("gkd", "student"): (1, 1),  # sample; teacher logits
+    ("gkd", "teacher"): (0, 2),  # teacher samples, teacher logits
+    ("gkd", "dataset"): (0, 1),  # teacher logits
+    ("sft", "student"): (1, 0),  # sample
+    ("sft", "teacher"): (0, 1),  # SeqKD: teacher samples
+    ("sft", "dataset"): (0, 0),  # nothing sampled
+}
+
+
+@pytest.mark.parametrize("loss, rollouts_from", PASSES)
+def test_step_flops_counts_each_objective_passes(loss, rollouts_from):
+    student_fwd, teacher_fwd = PASSES[loss, rollouts_from]
+    want = (flops.train_flops(S, SEQLENS) + student_fwd * flops.forward_flops(S, SEQLENS)
+            + teacher_fwd * flops.forward_flops(T, SEQLENS))
+    assert flops.step_flops(S, T, SEQLENS, loss=loss, rollouts_from=rollouts_from) == want
+    if (loss, rollouts_from) == ("opd", "student"):
+        assert want == flops.opd_flops(S, T, SEQLENS)  # the default is Appendix B's formula
+        assert flops.step_flops(S, T, SEQLENS) == want
+
+
+def test_step_flops_by_hand_on_a_tiny_config():
+    student = dict(hidden_size=4, intermediate_size=6, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=2, vocab_size=10)
+    teacher = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=4, vocab_size=10)
+    # N_dense(S) = 1 * (3*4*6 + 4*(4 + 2 + 2 + 4)) + 2*10*4 = 72 + 48 + 80 = 200
+    # N_dense(T) = 2 * (3*8*16 + 8*(8 + 8 + 8 + 8)) + 2*10*8 = 2 * (384 + 256) + 160 = 1440
+    # seqlens [3, 5]: sum s = 8, sum s^2 = 34
+    # F_train(S) = 6*200*8 + 12*34*2*2*1 = 9600 + 1632 = 11232,    F_fwd(S) = 3744
+    # F_train(T) = 6*1440*8 + 12*34*4*2*2 = 69120 + 6528 = 75648,  F_fwd(T) = 25216
+    by_hand = {("opd", "student"): 11232 + 2 * 3744 + 25216,  # 43936
+               ("gkd", "student"): 11232 + 3744 + 25216,  # 40192
+               ("gkd", "teacher"): 11232 + 2 * 25216,  # 61664
+               ("gkd", "dataset"): 11232 + 25216,  # 36448
+               ("sft", "student"): 11232 + 3744,  # 14976
+               ("sft", "teacher"): 11232 + 25216,  # 36448
+               ("sft", "dataset"): 11232}
+    assert flops.dense_params(student) == 200 and flops.dense_params(teacher) == 1440
+    for (loss, rollouts_from), want in by_hand.items():
+        got = flops.step_flops(student, teacher, [3, 5], loss=loss, rollouts_from=rollouts_from)
+        assert got == want and isinstance(got, int), (loss, rollouts_from, got, want)
+    assert by_hand["opd", "student"] == 43936 and by_hand["gkd", "teacher"] == 61664
+
+
+def test_step_flops_needs_the_teacher_only_where_it_runs():
+    assert flops.step_flops(S, None, SEQLENS, loss="sft", rollouts_from="dataset") == flops.train_flops(S, SEQLENS)
+    assert flops.step_flops(S, None, SEQLENS, loss="sft", rollouts_from="student") \
+        == flops.train_flops(S, SEQLENS) + flops.forward_flops(S, SEQLENS)
+    for loss, rollouts_from in [("gkd", "dataset"), ("sft", "teacher"), ("gkd", "student")]:
+        with pytest.raises(ValueError, match="runs the teacher"):
+            flops.step_flops(S, None, SEQLENS, loss=loss, rollouts_from=rollouts_from)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(loss="opd", rollouts_from="teacher"), "student's own rollouts"),
+    (dict(loss="opd", rollouts_from="dataset"), "student's own rollouts"),
+    (dict(loss="ppo"), "loss must be one of"),
+    (dict(rollouts_from="web"), "rollouts_from must be one of"),
+])
+def test_step_flops_refuses_what_has_no_count(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flops.step_flops(S, T, SEQLENS, **kwargs)

@@ -306,3 +306,27 @@ def test_different_vocabularies_are_an_error(checkpoints):
     tok = tiny_tokenizer()  # same tokenizer, output layers of different sizes
     with pytest.raises(ValueError, match="output layers have different vocabulary sizes"):
         check_same_vocabulary(tok, tok, tiny_qwen3(vocab_size=len(tok)), tiny_qwen3(vocab_size=len(tok) + 8))
+
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--student", "./no/such/student", "error: --student ./no/such/student: no such checkpoint directory"),
+    ("--teacher", "{tmp}/gone", "error: --teacher {tmp}/gone: no such checkpoint directory"),
+    ("--data-dir", "{tmp}/nowhere", "error: --data-dir {tmp}/nowhere: no such directory"),
+    (None, None, "error: --data-dir: no math500 data in {tmp}/data"),  # the directory lacks the benchmark
+])
+def test_missing_paths_end_in_one_line_errors(tmp_path, flag, value, message):
+    """The script itself: exit status 1 and one `error: ...` line naming the flag, no traceback."""
+    (tmp_path / "ckpt").mkdir()  # only its existence is checked before the error
+    (tmp_path / "data").mkdir()
+    ckpt = str(tmp_path / "ckpt")
+    flags = {"--student": ckpt, "--teacher": ckpt, "--data-dir": str(tmp_path / "data")}
+    if flag is not None:
+        flags[flag] = value.format(tmp=tmp_path)
+    cmd = [sys.executable, str(ROOT / "probe.py"), "--benchmark", "math500", "--prefixes", "0,16",
+           "--out", str(tmp_path / "out"), *[x for item in flags.items() for x in item]]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=ONE_THREAD_ENV)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), lines
+    assert not (tmp_path / "out").exists()

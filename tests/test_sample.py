@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_qwen3, tiny_tokenizer
+from conftest import favour_token, tiny_qwen3, tiny_tokenizer
 from sample import build_prompt, sample_hf, sampling_logprobs
 from score import token_logprobs
 
@@ -136,3 +136,54 @@ def test_hf_sampler_stops_at_every_generation_eos(tokenizer):
     ended = [r for r in out if not r.truncated]
     assert ended and all(r.completion_ids[-1] in (tokenizer.eos_token_id, extra) for r in ended)
     assert any(r.completion_ids[-1] == extra for r in ended)
+
+
+# ----------------------------------------------------------------------------- stop tokens
+
+
+def base_tokenizer():
+    """EOS <|endoftext|> (as Qwen3 base checkpoints name it), ChatML template: turns end with <|im_end|>."""
+    return tiny_tokenizer(eos_token="<|endoftext|>")
+
+
+def test_stop_token_ids_add_the_template_end_of_turn_to_a_base_tokenizer_eos():
+    from sample import end_of_turn_id, stop_token_ids
+    from transformers import GenerationConfig
+    tok = base_tokenizer()
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.eos_token_id == endoftext != im_end
+    assert end_of_turn_id(tok) == im_end
+    assert stop_token_ids(tok) == sorted([im_end, endoftext])
+    think_end = tok.convert_tokens_to_ids("</think>")  # any id: the generation config's ids are added
+    generation_config = GenerationConfig(eos_token_id=[endoftext, think_end])
+    assert stop_token_ids(tok, generation_config) == sorted([im_end, endoftext, think_end])
+    model = tiny_qwen3(vocab_size=len(tok))
+    model.generation_config.eos_token_id = endoftext
+    assert stop_token_ids(tok, model) == sorted([im_end, endoftext])
+
+    # no template: build_prompt's ChatML layout, whose turns end with <|im_end|>
+    tok.chat_template = None
+    assert end_of_turn_id(tok) == im_end
+    # another template: its own end-of-turn token, found by rendering a turn
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}</think>"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert end_of_turn_id(tok) == think_end
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert end_of_turn_id(tok) is None and stop_token_ids(tok) == [endoftext]  # nothing special closes a turn
+
+
+def test_hf_sampler_stops_a_base_student_at_the_end_of_its_turn():
+    from sample import HFSampler
+    tok = base_tokenizer()
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "What is 2+3?")]
+    model = favour_token(tiny_qwen3(vocab_size=len(tok)), im_end, prompts[0])  # rollouts end within a few tokens
+    model.generation_config.eos_token_id = endoftext  # the base checkpoint's config names <|endoftext|> only
+    out = HFSampler(model, tok).generate(prompts, 8, 24, seed=0)
+    ended = [r for r in out if not r.truncated]
+    assert any(r.completion_ids[-1] == im_end for r in ended)
+    for r in out:  # nothing after the end of the turn
+        assert im_end not in r.completion_ids[:-1] and endoftext not in r.completion_ids[:-1]
+    # what the EOS alone did: the same rollouts ran on past <|im_end|> into an invented next turn
+    eos_only = sample_hf(model, prompts, 8, 24, eos_token_id=endoftext, pad_token_id=tok.pad_token_id, seed=0)
+    assert any(im_end in r.completion_ids[:-1] for r in eos_only)

@@ -1,4 +1,5 @@
-"""score.token_logprobs against a naive full-logits reference, and its memory bound."""
+"""score.token_logprobs against a naive full-logits reference, against the sampler's own log-probs at any
+temperature (the importance ratio is 1 on the trainer's rollouts), and its memory bound."""
 
 import subprocess
 import sys
@@ -11,10 +12,10 @@ from conftest import ROOT, tiny_qwen3
 from score import token_logprobs
 
 
-def naive_logprobs(model, input_ids, attention_mask):
+def naive_logprobs(model, input_ids, attention_mask, temperature=1.0):
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)[:, :-1]
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
@@ -96,3 +97,69 @@ def test_scoring_4096_tokens_of_a_152k_vocabulary_stays_under_1_gib():
     peak = peak_gib()
     print(f"peak above the model: {peak:.2f} GiB")
     assert peak < 1.0
+
+
+# ----------------------------------------------------------------------------- temperature
+
+
+def own_rollouts(model, temperature, seed=0):
+    from sample import sample_hf
+    return sample_hf(model, [[5, 6, 7, 8], [9, 10]], 3, 24, eos_token_id=2, pad_token_id=0,
+                     temperature=temperature, seed=seed)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+def test_tempered_scores_are_the_sampler_logprobs_so_the_ratio_is_one(temperature):
+    """On the trainer's own rollouts log pi_theta (score.py) = log q (sample.py) at any temperature."""
+    model = tiny_qwen3(vocab_size=97)
+    worst, worst_untempered = 0.0, 0.0
+    for r in own_rollouts(model, temperature):
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        P = len(r.prompt_ids)
+        scored = token_logprobs(model, ids, temperature=temperature)[0, P - 1:]  # (len(completion),)
+        worst = max(worst, (scored - torch.tensor(r.sampler_logp)).abs().max().item())
+        untempered = token_logprobs(model, ids)[0, P - 1:]
+        worst_untempered = max(worst_untempered, (untempered - torch.tensor(r.sampler_logp)).abs().max().item())
+    print(f"temperature {temperature}: max |log pi_theta - log q| {worst:.2e}, "
+          f"untempered scorer {worst_untempered:.2e}")
+    assert worst < 1e-5  # ratio exp(log pi_theta - log q) within 1e-5 of 1
+    if temperature != 1.0:
+        assert worst_untempered > 1e-2  # the temperature-1 scorer would put the ratio far from 1
+
+
+@pytest.mark.parametrize("chunk_size", [5, 512])
+def test_tempered_scores_and_gradients_match_naive_tempered_log_softmax(chunk_size):
+    ids, mask = padded_batch(97, "right")
+    valid = (mask[:, :-1] * mask[:, 1:]).bool()
+    weights = torch.randn(ids.shape[0], ids.shape[1] - 1, generator=torch.Generator().manual_seed(2))
+    results = []
+    for tempered in (lambda m: token_logprobs(m, ids, mask, chunk_size=chunk_size, temperature=0.6),
+                     lambda m: naive_logprobs(m, ids, mask, temperature=0.6)):
+        model = tiny_qwen3(vocab_size=97).train()
+        logp = tempered(model)
+        (logp * weights * valid).sum().backward()  # the checkpointed chunks recompute in backward
+        results.append((logp.detach()[valid], torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (got, got_grad), (want, want_grad) = results
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got_grad, want_grad, atol=1e-5, rtol=1e-4)
+    plain = token_logprobs(tiny_qwen3(vocab_size=97), ids, mask)[valid]
+    assert not torch.allclose(got, plain, atol=1e-2)  # temperature 0.6 is another distribution
+
+
+def test_temperature_one_is_the_untempered_scorer_bit_for_bit():
+    model = tiny_qwen3(vocab_size=97)
+    ids, mask = padded_batch(97, "left")
+    assert torch.equal(token_logprobs(model, ids, mask, temperature=1.0), token_logprobs(model, ids, mask))
+
+
+def test_top_p_is_refused_and_any_positive_temperature_accepted():
+    from score import check_sampling_is_scorable
+    for temperature in (0.3, 0.7, 1.0, 2.0):
+        check_sampling_is_scorable(temperature, 1.0)
+    with pytest.raises(ValueError, match="top-p 0.9 is not supported in training"):
+        check_sampling_is_scorable(1.0, 0.9)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            check_sampling_is_scorable(bad, 1.0)
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            token_logprobs(tiny_qwen3(), torch.tensor([[5, 6]]), temperature=bad)

