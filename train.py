@@ -43,11 +43,11 @@ import checkpoint
 import data
 import klprobe
 import memory
-from flops import opd_flops
+from flops import step_flops
 from loss import gkd_loss, opd_loss, reverse_kl_stats
 from sample import HFSampler, build_prompt, describe_backend
 from schedule import AdaptivePrefix, check_window, prefix_length, token_mask
-from score import check_same_vocabulary, position_logits, token_logprobs
+from score import check_same_vocabulary, check_sampling_is_scorable, position_logits, token_logprobs
 
 # ----------------------------------------------------------------------------- presets
 # The single source of every preset-dependent default: a flag left unset takes its preset's value.
@@ -216,19 +216,41 @@ if args.vllm_sleep and not args.dry_run and not torch.cuda.is_available():
 if args.gpu_memory_gb is None:
     args.gpu_memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 80.0
 L_max = prefix_length(args.steps - 1, L_0, args.prefix_step, args.max_new_tokens)  # the run's longest L_train
+if args.loss == "opd":  # the ratio pi_theta / q must compare the distribution the sampler drew from
+    try:
+        check_sampling_is_scorable(args.temperature, args.top_p)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def rollout_flops(student_config, teacher_config, on_policy_seqlens, off_policy_seqlens):
+    """App. B FLOP of a step's rollouts, counted per objective and per who wrote them (flops.step_flops)."""
+    total = 0
+    for seqlens, source in ((on_policy_seqlens, "student"), (off_policy_seqlens, args.rollouts_from)):
+        if seqlens:
+            total += step_flops(student_config, teacher_config, seqlens, loss=args.loss, rollouts_from=source)
+    return total
+
+
+def planned_flops(student_config, teacher_config, prompt_tokens: int, L_train: int) -> int:
+    """rollout_flops of one step whose rollouts all reach L_train; a share --lmbda of them on-policy."""
+    rollouts = args.prompts_per_step * args.samples_per_prompt
+    on = round(rollouts * (args.lmbda if args.lmbda is not None else args.rollouts_from == "student"))
+    return rollout_flops(student_config, teacher_config, [prompt_tokens + L_train] * on,
+                         [prompt_tokens + L_train] * (rollouts - on))
+
 
 if args.dry_run:  # the plan for a GPU run of these flags, from the model shapes alone (memory.py, flops.py)
     gpus = args.gpus or (world_size if ddp else 1 if args.preset == "toy" else 8)
     context = dict(world_size=gpus, prompt_tokens=args.prompt_tokens, L_max=L_max, on_gpu=True)
     memory_plan = memory.plan_run(args, **context)
-    rollouts = args.prompts_per_step * args.samples_per_prompt
-    step_flops = [opd_flops(args.student, args.teacher, [args.prompt_tokens + prefix_length(
-        k, L_0, args.prefix_step, args.max_new_tokens)] * rollouts) for k in range(args.steps)]
-    hours = sum(step_flops) / (gpus * memory.GPU_PEAK_FLOPS * memory.UTILISATION) / 3600
+    per_step = [planned_flops(args.student, args.teacher, args.prompt_tokens,
+                              prefix_length(k, L_0, args.prefix_step, args.max_new_tokens)) for k in range(args.steps)]
+    hours = sum(per_step) / (gpus * memory.GPU_PEAK_FLOPS * memory.UTILISATION) / 3600
     print0(f"dry run: {args.student} <- {args.teacher} on {gpus} GPU(s) of {args.gpu_memory_gb:.0f} GB, "
            f"{'FSDP2' if args.fsdp else 'DDP'}, sampler {args.sampler}, L_train {L_0} + {args.prefix_step}/step "
            f"up to {L_max}, prompts of <= {args.prompt_tokens} tokens\n\n{memory_plan.table()}\n")
-    print0(f"FLOP (App. B, every rollout reaching L_train): {step_flops[0]:.3e} at step 1, {sum(step_flops):.3e} "
+    print0(f"FLOP (App. B, every rollout reaching L_train): {per_step[0]:.3e} at step 1, {sum(per_step):.3e} "
            f"for {args.steps} steps; {hours:.1f} h at {memory.UTILISATION:.0%} of {memory.GPU_PEAK_FLOPS / 1e12:.0f} "
            f"TFLOP/s per GPU (an assumption, not a measurement)")
     hint = None if memory_plan.fits else memory.fit_hint(args, **context)
@@ -236,10 +258,15 @@ if args.dry_run:  # the plan for a GPU run of these flags, from the model shapes
         print0(f"does not fit; with {hint} it would")
     print0(json.dumps({"fits": memory_plan.fits, "peak_gb": round(memory_plan.peak_gb, 2),
                        "budget_gb": args.gpu_memory_gb, "gpus": gpus, "sampler": args.sampler,
-                       "hf_batch": memory_plan.hf_batch, "flops_step_1": step_flops[0],
-                       "flops_total": sum(step_flops), "hours": round(hours, 2), "fit_hint": hint,
+                       "hf_batch": memory_plan.hf_batch, "flops_step_1": per_step[0],
+                       "flops_total": sum(per_step), "hours": round(hours, 2), "fit_hint": hint,
                        "parts": {f"{part} [{phase}]": round(b / 1e9, 2) for part, phase, b, _ in memory_plan.rows}}))
     raise SystemExit(0 if memory_plan.fits else 1)
+try:  # a local path that is not there: one line, not the traceback of a hub lookup
+    from eval import check_model_path
+    args.student, args.teacher = check_model_path(args.student, "--student"), check_model_path(args.teacher, "--teacher")
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
 resume_from = checkpoint.open_run_dir(args.out, args)  # --resume/--overwrite checks; loaded once the model is wrapped
 torch.manual_seed(args.seed + rank)
 random.seed(args.seed)
@@ -254,9 +281,6 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()  # one progress bar: ours
 
-for flag, name in (("--student", args.student), ("--teacher", args.teacher)):
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():  # a local path, not a hub name
-        raise SystemExit(f"error: {flag} {name} is not a directory (a local checkpoint or a hub name is expected)")
 try:
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher)
@@ -291,10 +315,10 @@ class LogProbs(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, logits_at=None):
+    def forward(self, input_ids, attention_mask, logits_at=None, temperature=1.0):
         if logits_at is not None:  # GKD: the whole next-token distribution, at these positions only
             return position_logits(self.lm, input_ids, attention_mask, logits_at)
-        return token_logprobs(self.lm, input_ids, attention_mask)
+        return token_logprobs(self.lm, input_ids, attention_mask, temperature=temperature)
 
 
 if args.activation_checkpointing or args.fsdp:  # each decoder layer keeps only its input and recomputes in backward
@@ -411,7 +435,7 @@ def step_prompts(step: int) -> list[int]:
 rollouts_per_step = args.prompts_per_step * args.samples_per_prompt
 mean_prompt = sum(map(len, prompts)) / len(prompts)
 L_now = prefix_length(start_step, L_0, args.prefix_step, args.max_new_tokens)
-flops_now = opd_flops(student.config, teacher.config, [round(mean_prompt) + L_now] * rollouts_per_step)
+flops_now = planned_flops(student.config, teacher.config, round(mean_prompt), L_now)
 print0(f"student {args.student} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params), "
        f"teacher {args.teacher}, {world_size} process(es) on {device.type}")
 print0(f"prompts: {len(prompts)} usable, {prompts_skipped} skipped as longer than the context ({max_context})")
@@ -537,7 +561,10 @@ def objective(batch, num_sequences):
         student_logp, teacher_logp = (torch.log_softmax(x.float(), -1).gather(-1, targets).squeeze(-1)
                                       for x in (student_logits, teacher_logits))
         return loss, torch.ones_like(mask), student_logp, teacher_logp
-    student_logp = completion_part(model(ids, attn), starts, C)
+    # OPD: log pi_theta of the distribution the sampler drew from, at its temperature, so the ratio is
+    # exactly 1 on the trainer's own rollouts (loss.py: KL(q_tau || pi_T)); SFT: the plain NLL
+    temperature = args.temperature if args.loss == "opd" else 1.0
+    student_logp = completion_part(model(ids, attn, temperature=temperature), starts, C)
     if args.loss == "opd":
         loss, ratio = opd_loss(student_logp, batch["sampler_logp"], batch["teacher_logp"], mask, num_sequences,
                                gamma=args.gamma, ratio_cap=args.ratio_cap)
@@ -690,9 +717,10 @@ for step in bar:
     if ddp:
         dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
     seqlens = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
-    step_flops = float(all_sum(torch.tensor(float(opd_flops(student.config, teacher.config, seqlens)),
-                                            dtype=torch.float64, device=device)))
-    total_flops += step_flops
+    on_rollouts = on_policy * args.samples_per_prompt  # sample_rollouts puts the on-policy ones first
+    flops = float(all_sum(torch.tensor(float(rollout_flops(student.config, teacher.config, seqlens[:on_rollouts],
+                                                           seqlens[on_rollouts:])), dtype=torch.float64, device=device)))
+    total_flops += flops
     loss_sum, kl_sum, tokens, ratio_sum, above_cap = stats.tolist()
     n_rollouts, n_truncated, n_on_policy = counts.tolist()
     metrics = {
@@ -704,7 +732,7 @@ for step in bar:
         "ratio_mean": ratio_sum / max(tokens, 1), "ratio_max": ratio_max.item(),
         "ratio_above_cap": above_cap / max(tokens, 1) if args.ratio_cap else None,
         "kl_bin": args.kl_bin, "reverse_kl_by_position": [round((s / c).item(), 5) if c > 0 else None for s, c in zip(bin_sums, bin_counts)],
-        "prompts_skipped": prompts_skipped, "micro_batches": micro_batch_counts, "flops": step_flops, "total_flops": total_flops,
+        "prompts_skipped": prompts_skipped, "micro_batches": micro_batch_counts, "flops": flops, "total_flops": total_flops,
         "time_sample": t_sample, "time_score": t_score, "time_update": t_update,
         "push_logp_max_diff": push_logp_max_diff,
         "reverse_kl_by_position_full": probe.bins(args.kl_bin)[0] if probe else None,

@@ -294,8 +294,15 @@ def test_run_directories_never_mix_runs(models, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--prefix", "-5"], "--prefix must be >= 0"),
-    (["--student", "/no/such/student"], "/no/such/student"),
+    (["--student", "/no/such/student"], "--student /no/such/student: no such checkpoint directory"),
+    (["--top-p", "0.8"], "top-p 0.8 is not supported in training"),
 ])
 def test_bad_flags_are_one_line_errors(models, tmp_path, flags, message):
     out = run(train_args(models, tmp_path / "r") + flags, check=False)
     assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_the_ratio_is_one_on_the_trainers_own_rollouts_at_any_temperature(models, tmp_path):
+    run(train_args(models, tmp_path / "r", temperature=0.7, steps=1))
+    row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(row["ratio_mean"] - 1) < 1e-3 and row["ratio_max"] < 1.05, row
