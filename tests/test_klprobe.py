@@ -78,7 +78,8 @@ def test_position_kl_is_the_per_position_sum_over_rollouts_that_reach_it():
 
 def test_kl_by_position_equals_a_naive_per_token_computation(models):
     student, teacher = models
-    sampler = HFSampler(student, types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD))
+    tokenizer = types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, chat_template=None, get_vocab=dict)  # no turns
+    sampler = HFSampler(student, tokenizer)
     T = 24
     rollouts = sampler.generate(PROMPTS, 3, T, seed=5, prompt_indices=[40, 41, 42, 43])
     lengths = {len(r.completion_ids) for r in rollouts}
