@@ -105,7 +105,7 @@ def load(path: Path, model, optimizer) -> dict:
 # Flags that may change between a run and its resume: how long it runs, how it logs and how it is laid
 # out on the hardware. Every other flag defines the run (lr, seed, batch, schedule, objective, models...).
 MAY_CHANGE = {"steps", "save_every", "resume", "overwrite", "out", "no_plots", "tensorboard", "wandb",
-              "check_push", "eval_problems", "kl_bin", "kl_probe_every", "kl_probe_prompts", "max_bad_steps",
+              "check_push", "eval_problems", "eval_before", "kl_bin", "kl_probe_every", "kl_probe_prompts", "max_bad_steps",
               "dry_run", "gpu_memory_gb", "gpus", "prompt_tokens", "sampler", "vllm_kv_cache_gb", "vllm_sleep",
               "micro_batch_tokens", "activation_checkpointing", "fsdp"}
 

@@ -63,7 +63,7 @@ from sample import build_prompt, describe_backend
 from score import check_same_vocabulary
 
 TEACHER_SEED_OFFSET = 1  # the teacher samples with seed + 1: streams of its own (departure 2)
-PREFIXES = {"toy": [0, 8, 32, 64, 128]}  # default L list per benchmark (toy responses: 150-260 tokens)
+PREFIXES = {"toy": [0, 8, 32, 64, 128]}  # default L list per benchmark (toy responses: 160-246 tokens)
 PAPER_PREFIXES = [0, 16, 64, 256, 1024]  # every other benchmark (responses of thousands of tokens)
 VLLM_GPU_FRACTION = 0.45  # of GPU memory per vLLM engine: the student's starts even if the teacher's is not yet freed
 

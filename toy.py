@@ -6,39 +6,52 @@ The task: a chain of digits added mod 10, with a worked solution and a boxed ans
     problem   Work mod 10: a=4,b=4,c=a+b,d=a+c,e=a+d,f=c+e. What is f?
     solution  a=4
               b=4
-              c=a+b,a=4,b=4,4+4=8,c=8
-              d=a+c,a=4,c=8,4+8=2,d=2
-              e=a+d,a=4,d=2,4+2=6,e=6
-              f=c+e,c=8,e=6,8+6=4,f=4
+              c=a+b,a=4,b=4,4+4=8,8 mod 10=8,c=8
+              d=a+c,a=4,c=8,4+8=12,12 mod 10=2,d=2
+              e=a+d,a=4,d=2,4+2=6,6 mod 10=6,e=6
+              f=c+e,c=8,e=6,8+6=14,14 mod 10=4,f=4
               </think>
               \\boxed{4}
 
 Every variable after the constants is an earlier one plus the one just before it, so a wrong sum
 at any step changes the answer. A step line restates the definition, looks up both operands, adds
-two digits and binds the result. Why it is built this way:
-1. Long but learnable on a CPU. Solutions are 115-167 tokens (one token per character), so a
+two digits, reduces the sum mod 10 and binds the result. Why it is built this way:
+1. Long but learnable on a CPU. Solutions are 159-245 tokens (one token per character), so a
    prefix rollout costs a fraction of a full one, as in the paper. Yet almost every token is a
    copy found by content, never by counting positions: an operand's value is the digit after an
-   earlier `name=`, a definition is the text after its `name=` in the problem. A 3-layer, width-128
-   Qwen3 learns it in ~500 SFT steps of 32 solutions (an 85-token addition written digit by digit,
-   whose operands are found by position, was not learned by a 2-layer width-128 one in 600 steps).
-2. Few decisive tokens. One token per line, the sum, needs arithmetic. An error there is a token
-   the teacher gives almost no probability, so the per-token reverse KL of on-policy distillation
-   points at exactly the tokens that are wrong.
-3. A base student that follows the format but is often wrong. Teacher and student share a base
+   earlier `name=`, a definition is the text after its `name=` in the problem, the reduced digit
+   is the last one of the sum. A 3-layer, width-128 Qwen3 learns it in ~500 SFT steps of 32
+   solutions (an 85-token addition written digit by digit, whose operands are found by position,
+   was not learned by a 2-layer width-128 one in 600 steps).
+2. Short prompts, long responses. The tokenizer gives each fixed piece of the prompt one token
+   (PROMPT_PIECES: the chat template's turns, `<think>\\n`, the instruction sentence and the
+   problem's wording), as a real tokenizer turns a frequent phrase into a few tokens; only the
+   definitions go character by character. And a step line writes the sum in full before reducing
+   it. Prompts are then 39-55 tokens against responses of 160-246 (with EOS), and in App. B FLOP
+   (flops.opd_flops) full OPD costs 5.3x a prefix run at L_train = 8 and 4.6x one at 16. Why both:
+   a prefix saves at most the response, so the ratio never exceeds the cost of prompt + response
+   over that of the prompt alone, and per definition the prompt holds 6 tokens (`d=b+c,`) and the
+   step line 35-37 with its newline (23 with the sum reduced at once). With the prompt one token
+   per character and sums reduced at once, prompts of ~157 tokens against ~143-token responses
+   held the ratio to 2x.
+3. Few decisive tokens. Only the sum needs arithmetic, its one or two digits per line. An error
+   there is a token the teacher gives almost no probability, so the per-token reverse KL of
+   on-policy distillation points at exactly the tokens that are wrong.
+4. A base student that follows the format but is often wrong. Teacher and student share a base
    trained from scratch on clean solutions; the teacher is trained further on clean solutions, the
-   student on the same problems with sloppy solutions, where each sum slips by one (4+8=1 or 4+8=3)
-   with probability SLIP and the later steps carry the wrong value on, as a real mistake would.
-   Sampled at temperature 1 the student reproduces its data's slips and solves few problems, while
-   the right digit stays its most likely one: distillation has to sharpen a distribution the
-   student already has, which a few minutes of CPU training can do. Slips happen at every step
-   alike, so what the student unlearns on a prefix carries over to the rest (paper §4).
+   student on the same problems with sloppy solutions, where each sum slips by one (4+8=11 or
+   4+8=13) with probability SLIP and the later steps carry the wrong value on, as a real mistake
+   would. Sampled at temperature 1 the student reproduces its data's slips and solves few
+   problems, while the right digit stays its most likely one: distillation has to sharpen a
+   distribution the student already has, which a few minutes of CPU training can do. Slips happen
+   at every step alike, so what the student unlearns on a prefix carries over to the rest (paper §4).
 
 Departures from the paper's setting: the paper distils between pretrained Qwen3 models on
 competition maths. Here both models are trained from scratch by `build()` with a character-level
-vocabulary, and answers are graded by an exact string match on the last \\boxed{} (single digits).
+vocabulary (plus the prompt's fixed pieces), and answers are graded by an exact string match on the
+last \\boxed{} (single digits).
 
-Build (once; 9.2 min on a quiet 2-core CPU; the checkpoints are committed under toy/, and a rebuild
+Build (once; 1656 s on a 2-core CPU shared with other jobs, build.json; the checkpoints are committed under toy/, and a rebuild
 reproduces them byte for byte on the same machine and torch version):
     python toy.py
 """
@@ -52,12 +65,12 @@ from pathlib import Path
 
 import torch
 
-from sample import build_prompt, sample_hf
+from sample import BOXED_INSTRUCTION, build_prompt, sample_hf
 
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SLIP = 0.2  # probability that a sum in the student's solutions is off by one
-MAX_NEW_TOKENS = 256  # room past the longest solution (167 tokens + EOS); a rollout that hits it is truncated
+MAX_NEW_TOKENS = 320  # room past the longest solution (245 tokens + EOS); a rollout that hits it is truncated
 TEST_EVERY = 8  # one problem in 8 belongs to the test split, chosen by a hash of its text
 BASE_STEPS = 600  # SFT batches of clean solutions from scratch, shared by teacher and student
 BRANCH_STEPS = 150  # further SFT batches: clean for the teacher, with slips for the student
@@ -70,6 +83,11 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+PROBLEM_HEAD, PROBLEM_ASK = "Work mod 10: ", ". What is "  # the problem's fixed wording
+# The fixed pieces of every prompt (sample.build_prompt), one token each: the chat template's user
+# and assistant turns, `<think>\n`, the instruction, and the problem's wording.
+PROMPT_PIECES = (f"{IM_START}user\n", PROBLEM_HEAD, PROBLEM_ASK, f"\n\n{BOXED_INSTRUCTION}",
+                 f"{IM_END}\n{IM_START}assistant\n", f"{THINK}\n")
 
 # ----------------------------------------------------------------------------- the task
 
@@ -87,22 +105,23 @@ def _chain(rng: random.Random):
 
 def _problem_text(constants, steps) -> str:
     defs = [f"{n}={v}" for n, v in constants] + [f"{n}={x}+{y}" for n, x, y in steps]
-    return f"Work mod 10: {','.join(defs)}. What is {steps[-1][0]}?"
+    return f"{PROBLEM_HEAD}{','.join(defs)}{PROBLEM_ASK}{steps[-1][0]}?"
 
 
 def _solve(constants, steps, slip: float = 0.0, rng: random.Random | None = None):
     """The worked solution (the text after `<think>\\n`, without EOS) and its final value.
 
-    With slip > 0 each sum is off by one with that probability, and the later steps use the wrong
-    value: the student's training data."""
+    With slip > 0 each sum is off by one with that probability (0 slips to 1), and the later steps
+    use the wrong value: the student's training data."""
     value = dict(constants)
     lines = [f"{n}={v}" for n, v in constants]
     for n, x, y in steps:
-        result = (value[x] + value[y]) % 10
+        total = value[x] + value[y]  # 0..18, written in full before it is reduced
         if slip > 0 and rng.random() < slip:
-            result = (result + rng.choice((-1, 1))) % 10
-        value[n] = result
-        lines.append(f"{n}={x}+{y},{x}={value[x]},{y}={value[y]},{value[x]}+{value[y]}={result},{n}={result}")
+            total = abs(total + rng.choice((-1, 1)))
+        value[n] = total % 10
+        lines.append(f"{n}={x}+{y},{x}={value[x]},{y}={value[y]},{value[x]}+{value[y]}={total},"
+                     f"{total} mod 10={value[n]},{n}={value[n]}")
     answer = str(value[steps[-1][0]])
     return "\n".join(lines) + f"\n{END_THINK}\n\\boxed{{{answer}}}", answer
 
@@ -161,7 +180,9 @@ def is_correct(completion: str, answer: str) -> bool:
 
 
 def make_tokenizer():
-    """Character-level PreTrainedTokenizerFast with the Qwen3 chat tokens and a ChatML template."""
+    """Character-level PreTrainedTokenizerFast with the Qwen3 chat tokens, a ChatML template, and one
+    token for each of PROMPT_PIECES (matched longest first, so `<|im_end|>\\n<|im_start|>assistant\\n`
+    wins over `<|im_end|>` inside a prompt; a completion still ends in the bare `<|im_end|>`, EOS)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
@@ -174,6 +195,7 @@ def make_tokenizer():
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PROMPT_PIECES])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
                                    chat_template=CHAT_TEMPLATE, model_max_length=1024)
 

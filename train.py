@@ -138,6 +138,8 @@ g.add_argument("--vllm-sleep", action=argparse.BooleanOptionalAction, help="GPU 
 g.add_argument("--check-push", action="store_true", help="after every weight push, compare the sampler's "
                "log-probs of this step's first rollout with the trainer's; logs push_logp_max_diff")
 g.add_argument("--eval-problems", type=int, help="toy only: held-out problems graded before and after")
+g.add_argument("--eval-before", action=argparse.BooleanOptionalAction, default=True, help="toy only: also grade "
+               "the teacher and the untrained student (a sweep needs them once, not in every run)")
 g.add_argument("--kl-bin", type=int, help="tokens per position bin of the logged reverse KL (paper figures: 256)")
 g.add_argument("--kl-probe-every", type=int, default=0, help="after step 1 and every N steps, sample full-length rollouts of a fixed "
                "probe set and log their reverse KL by position over the whole response (0: off; evaluation "
@@ -621,7 +623,7 @@ elif args.dataset == "toy" and args.eval_problems and (resume_from is None or ac
     import eval as evaluation
     import toy
     eval_set = toy.make_problems(args.eval_problems, seed=args.seed, split="test")
-    if is_main and not acc:
+    if is_main and not acc and args.eval_before:
         for name, lm in (("teacher", teacher), ("student_before", eval_student)):
             acc[name] = evaluation.evaluate(lm, tokenizer, eval_set, 1, toy.MAX_NEW_TOKENS, args.seed,
                                             desc=f"eval {name}")["acc"]
@@ -774,11 +776,12 @@ if is_main:
         import eval as evaluation
         acc["student_after"] = evaluation.evaluate(eval_student, tokenizer, eval_set, 1, toy.MAX_NEW_TOKENS,
                                                    args.seed, desc="eval student_after")["acc"]
-        summary |= {"teacher_acc": acc["teacher"], "student_acc_before": acc["student_before"],
-                    "student_acc_after": acc["student_after"], "eval_problems": len(eval_set)}
+        keys = {"teacher": "teacher_acc", "student_before": "student_acc_before", "student_after": "student_acc_after"}
+        summary |= {key: acc[name] for name, key in keys.items() if name in acc} | {"eval_problems": len(eval_set)}
         print0(f"\n| toy, {len(eval_set)} held-out problems, 1 sample at T=1 | accuracy |\n|---|---|")
         for name in ("teacher", "student_before", "student_after"):
-            print0(f"| {name.replace('_', ' ')} | {acc[name]:.3f} |")
+            if name in acc:
+                print0(f"| {name.replace('_', ' ')} | {acc[name]:.3f} |")
     summary["wall_seconds_with_eval"] = wall_before + time.time() - t_start
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if not args.no_plots:

@@ -49,8 +49,36 @@ def test_chat_template_and_think_are_applied():
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>user\n" + problem + "\n\nPlease reason step by step")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n<think>\n")
-    assert ids[-2] == tokenizer.convert_tokens_to_ids("<think>")  # one token, not seven characters
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("<think>\n")  # `<think>` and its newline: one token
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_the_prompts_fixed_pieces_are_one_token_each():
+    tokenizer = toy.make_tokenizer()
+    problem = toy.make_problems(1, seed=0, split="test")[0]["problem"]
+    ids = build_prompt(tokenizer, problem)
+    pieces = [tokenizer.convert_tokens_to_ids(piece) for piece in toy.PROMPT_PIECES]
+    assert tokenizer.unk_token_id not in pieces and set(pieces) <= set(ids)
+    definitions = problem.removeprefix(toy.PROBLEM_HEAD).split(toy.PROBLEM_ASK)[0]
+    assert len(ids) == len(toy.PROMPT_PIECES) + len(definitions) + 2  # + the asked letter and "?"
+    # a completion that writes EOS then the next turn's opening gets the bare EOS id back
+    assert tokenizer("\\boxed{4}<|im_end|>", add_special_tokens=False)["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_full_opd_costs_over_5x_a_prefix_of_8_tokens():
+    """The FLOP axis of a prefix sweep: prompt + full response against prompt + 8 tokens,
+    App. B FLOP of the toy's own model shapes, over the held-out problems' worked solutions."""
+    import flops
+
+    tokenizer = toy.make_tokenizer()
+    config = toy.make_model(tokenizer).config
+    prompts, responses = [], []
+    for p in toy.make_problems(256, seed=0, split="test"):
+        prompts.append(len(build_prompt(tokenizer, p["problem"])))
+        responses.append(len(tokenizer(p["solution"], add_special_tokens=False)["input_ids"]) + 1)  # + EOS
+    full = flops.opd_flops(config, config, [x + y for x, y in zip(prompts, responses)])
+    prefix = flops.opd_flops(config, config, [x + min(y, 8) for x, y in zip(prompts, responses)])
+    assert full / prefix > 5
 
 
 @pytest.mark.parametrize("text, expected", [
