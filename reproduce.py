@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def mean_sd(xs) -> str:
 
 
 def accuracy_table(runs, names, full_flops) -> list[str]:
-    lines = ["| run | L_train | accuracy | training FLOP | FLOP vs full OPD | training hours |",
+    lines = ["| run | L_train | accuracy | training FLOP | full OPD's FLOP / this run's | training hours |",
              "| --- | --- | --- | ---: | ---: | ---: |"]
     for name in names:
         summaries = [s for s, _ in runs[name]]
@@ -129,7 +130,7 @@ def accuracy_table(runs, names, full_flops) -> list[str]:
         flops = statistics.mean(s["total_flops"] for s in summaries)
         lines.append(f"| {name} | {L[0] if len(L) == 1 else f'{L[0]}..{L[-1]}'} | "
                      f"{mean_sd(s['student_acc_after'] for s in summaries)} | {flops:.2e} | "
-                     f"{full_flops / flops:.1f}x less | {statistics.mean(s['wall_seconds'] for s in summaries) / 3600:.4f} |")
+                     f"{full_flops / flops:.1f}x | {statistics.mean(s['wall_seconds'] for s in summaries) / 3600:.4f} |")
     return lines
 
 
@@ -182,7 +183,8 @@ def figures(out: Path, runs: dict, s: dict):
 
 
 def probe_table(out: Path) -> list[str]:
-    return (out / "probe" / "probe.md").read_text().strip().splitlines()
+    """probe.py's own table, without its heading."""
+    return [line for line in (out / "probe" / "probe.md").read_text().strip().splitlines() if not line.startswith("#")]
 
 
 def kl_beyond(rows, L) -> tuple[float | None, float | None]:
@@ -216,6 +218,14 @@ def write_page(out: Path, runs: dict, s: dict, mode: str, wall: float):
              "## Accuracy against training cost (Figure 4, Tables 1-2)", "",
              "![accuracy vs FLOP](accuracy_vs_flop.png)", ""]
     lines += accuracy_table(runs, names("fig4"), full_flops)
+    lines += ["", "Reading (computed from the table): share of full OPD's gain over the untrained student, at "
+              "what share of its FLOP:", ""]
+    gain = lambda name: statistics.mean(x["student_acc_after"] for x, _ in runs[name])
+    base, full_gain = statistics.mean(x["student_acc_before"] for x in first), gain("full OPD")
+    for name in names("fig4")[1:]:
+        flops = statistics.mean(x["total_flops"] for x, _ in runs[name])
+        share = f"{(gain(name) - base) / (full_gain - base):.0%}" if full_gain != base else "n/a (full OPD gained nothing)"
+        lines.append(f"- {name}: {share} of the gain at {flops / full_flops:.0%} of the FLOP")
     lines += ["", "## Reverse KL by position, beyond the prefix (Figures 2 and 5)", "",
               "Every few steps the student samples whole responses for a fixed set of prompts and the teacher "
               "scores them (`--kl-probe-every`; evaluation FLOP, not counted above).", "",
@@ -225,7 +235,8 @@ def write_page(out: Path, runs: dict, s: dict, mode: str, wall: float):
     for name in ("full OPD", f"prefix {PROBE_L}"):
         (i0, b0), (i1, b1) = kl_beyond(runs[name][0][1], PROBE_L)
         lines.append(f"| {name} (L = {PROBE_L} for the split) | {fmt(i0)} → {fmt(i1)} | {fmt(b0)} → {fmt(b1)} |")
-    lines += ["", "## Teacher-prefix probe (Figure 3)", "", "![probe](probe/probe.png)", ""] + probe_table(out)
+    shutil.copy(out / "probe" / "probe.png", out / "teacher_prefix_probe.png")  # the page's figures side by side
+    lines += ["", "## Teacher-prefix probe (Figure 3)", "", "![probe](teacher_prefix_probe.png)", ""] + probe_table(out)
     lines += ["", "## Which tokens get gradient (Table 3), all sampled in full", ""]
     lines += accuracy_table(runs, names("table3"), full_flops)
     lines += ["", f"## GKD at L_train = {PROBE_L} (Figure 6): beta 0 forward KL, 1 reverse; lambda 0 dataset "
