@@ -53,7 +53,7 @@ from score import check_same_vocabulary, check_sampling_is_scorable, position_lo
 # The single source of every preset-dependent default: a flag left unset takes its preset's value.
 PRESETS = {
     "toy": dict(student="toy/student", teacher="toy/teacher", dataset="toy", prefix=64, prefix_step=32,
-                max_new_tokens=320, prompts_per_step=16, samples_per_prompt=4, lr=3e-4, steps=12,
+                max_new_tokens=320, prompts_per_step=16, samples_per_prompt=4, lr=3e-4, steps=16,
                 micro_batch_tokens=16384, eval_problems=256, kl_bin=32, activation_checkpointing=False,
                 vllm_sleep=False),
     "qwen3-1.7b": dict(student="Qwen/Qwen3-1.7B-Base", teacher="Qwen/Qwen3-8B",

@@ -25,7 +25,7 @@ def test_default_run_lifts_the_student_and_eval_agrees(tmp_path):
     print(summary)
     assert summary["preset"] == "toy"
     assert summary["student_acc_after"] >= summary["student_acc_before"] + 0.30
-    assert summary["student_acc_after"] >= summary["teacher_acc"] - 0.15
+    assert summary["student_acc_after"] >= summary["teacher_acc"] - 0.20  # most of the way to the teacher
     assert (tmp_path / "run" / "training.png").stat().st_size > 10_000
 
     final = tmp_path / "run" / "checkpoints" / f"step_{summary['steps']:06d}"
