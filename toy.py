@@ -20,7 +20,7 @@ two digits, reduces the sum mod 10 and binds the result. Why it is built this wa
    prefix rollout costs a fraction of a full one, as in the paper. Yet almost every token is a
    copy found by content, never by counting positions: an operand's value is the digit after an
    earlier `name=`, a definition is the text after its `name=` in the problem, the reduced digit
-   is the last one of the sum. A 3-layer, width-128 Qwen3 learns it in ~500 SFT steps of 32
+   is the one just before ` mod`. A 3-layer, width-128 Qwen3 learns it in ~500 SFT steps of 32
    solutions (an 85-token addition written digit by digit, whose operands are found by position,
    was not learned by a 2-layer width-128 one in 600 steps).
 2. Short prompts, long responses. The tokenizer gives each fixed piece of the prompt one token
@@ -51,9 +51,13 @@ competition maths. Here both models are trained from scratch by `build()` with a
 vocabulary (plus the prompt's fixed pieces), and answers are graded by an exact string match on the
 last \\boxed{} (single digits).
 
-Build (once; 1656 s on a 2-core CPU shared with other jobs, build.json; the checkpoints are committed under toy/, and a rebuild
-reproduces them byte for byte on the same machine and torch version):
-    python toy.py
+Build (once; ~10 min on a quiet 2-core CPU, from the pace of its first 100 SFT steps there; the
+committed build ran on a machine shared with other jobs and took 28 min, build.json's build_seconds).
+The checkpoints are committed under toy/; a second build followed the committed one's losses step
+for step as far as it was run (650 of 900 steps). On a shared machine, OMP_WAIT_POLICY=PASSIVE
+(OpenMP threads sleep while they wait instead of spinning) made small builds 2-5x faster with the
+same bytes:
+    python toy.py                       # shared machine: OMP_WAIT_POLICY=PASSIVE python toy.py
 """
 
 import hashlib
