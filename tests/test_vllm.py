@@ -208,7 +208,7 @@ def test_probe_py_with_vllm_engines_writes_the_transformers_records_seeded_per_r
     """The teacher's engine writes each row's whole response (seed + 1), the student's engine continues its
     first L tokens (seed), both seeded as sample 0 of prompt index i*k + j, as with --backend hf."""
     teacher_path, student_path = toy.ensure_built()
-    n, k, prefixes, budget = 8, 2, [0, 32, 160], toy.MAX_NEW_TOKENS  # toy responses: 115-167 tokens
+    n, k, prefixes, budget = 8, 2, [0, 32, 224], toy.MAX_NEW_TOKENS  # toy responses: 160-246 tokens
     done = run_script("probe.py", "--backend", "vllm", "--vllm-kv-cache-gb", 1, "--limit", n, "--k", k,
                       "--prefixes", ",".join(map(str, prefixes)), "--out", tmp_path)
     assert done.stdout.startswith("sampler: vLLM ")
