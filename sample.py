@@ -252,10 +252,6 @@ class HFSampler:
         finally:
             self.model.train(was_training)
 
-    def push_weights(self, state_dict):
-        """Load the trainer's new weights (only needed when this model is a separate copy, as under FSDP)."""
-        self.model.load_state_dict(state_dict)
-
 
 # --- vLLM backend ---
 #
