@@ -60,6 +60,16 @@ def hf_weights(hf_model, sharded: bool) -> dict:
     return hf_model.state_dict()
 
 
+def stream_weights(hf_model, dtype):
+    """(name, tensor) of the model's full weights, one at a time, cast to dtype: what a sampler's
+    push takes. Under FSDP2 each is all-gathered just before it is yielded and freed after: a
+    collective, every rank iterates in step."""
+    for name, tensor in hf_model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach().to(dtype)
+
+
 def save(ckpt_dir: Path, step: int, model, optimizer, hf_model, tokenizer, meta: dict, *, sharded: bool,
          is_main: bool):
     """Write step_XXXXXX atomically. A collective: every rank calls it."""
@@ -102,27 +112,15 @@ def load(path: Path, model, optimizer) -> dict:
 
 
 # ----------------------------------------------------------------------------- run directories
-# Flags that may change between a run and its resume: how long it runs, how it logs and how it is laid
-# out on the hardware. Every other flag defines the run (lr, seed, batch, schedule, objective, models...).
-MAY_CHANGE = {"steps", "save_every", "resume", "overwrite", "out", "no_plots", "tensorboard", "wandb",
-              "check_push", "eval_problems", "eval_before", "kl_bin", "kl_probe_every", "kl_probe_prompts", "max_bad_steps",
-              "dry_run", "gpu_memory_gb", "gpus", "prompt_tokens", "sampler", "vllm_kv_cache_gb", "vllm_sleep",
-              "micro_batch_tokens", "activation_checkpointing", "fsdp"}
-
-
-def run_flags(args) -> dict:
-    """The run-defining flags, JSON-ready: what a resume must repeat."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE}
-
-
-def open_run_dir(out: Path, args) -> Path | None:
+def open_run_dir(out: Path, run_flags: dict, *, resume: bool, overwrite: bool) -> Path | None:
     """Check --out against --resume/--overwrite before anything is written; returns the checkpoint to
     resume from (None: a fresh run). Refuses, with one line and nothing touched, to start a fresh run
-    over an old run's checkpoints, and to resume with other run-defining flags. Every rank calls it."""
+    over an old run's checkpoints, and to resume with other run-defining flags (run_flags: those a
+    resume must repeat, JSON-ready; saved in every checkpoint's meta). Every rank calls it."""
     ckpt_dir = out / "checkpoints"
     old = sorted(ckpt_dir.glob("step_*")) if ckpt_dir.exists() else []
-    if not args.resume:
-        if old and not args.overwrite:
+    if not resume:
+        if old and not overwrite:
             raise SystemExit(f"error: {out} holds the checkpoints of an earlier run (up to {old[-1].name}); add "
                              f"--resume to continue it, or --overwrite to replace it")
         return None
@@ -131,7 +129,7 @@ def open_run_dir(out: Path, args) -> Path | None:
         return None
     saved = json.loads((path / "meta.json").read_text()).get("run_flags")
     if saved is not None:
-        now = run_flags(args)
+        now = run_flags
         differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         if differ:
             raise SystemExit(f"error: --resume from {path} with other run-defining flags than it was trained with: "

@@ -38,14 +38,16 @@ Departures from the paper, and choices it leaves open:
    (loss.py: per sequence of the global batch) does not depend on lambda.
 """
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from sample import Rollout
+import numpy as np
+
+from sample import Rollout, build_prompt, hash64
+from sample import end_of_turn_id as sample_end_of_turn_id
 
 TOY_TRAIN_PROBLEMS = 20000  # toy train problems when num_questions is not given (a toy run sees a few hundred)
 END_OF_TURN = "<|im_end|>"  # Qwen3's chat turn terminator: how the teacher ends an answer
@@ -148,9 +150,36 @@ def after_think(response: str | None) -> str | None:
 # ----------------------------------------------------------------------------- reference rollouts
 
 
+def training_prompts(examples: list[Example], tokenizer, max_context: int, max_new_tokens: int,
+                     prompts_per_step: int, with_responses: bool = False, name: str = "the dataset"):
+    """(prompt ids, reference response ids or None, prompts skipped): the chat prompts (sample.build_prompt)
+    that leave room for max_new_tokens in the model's context; the others are never sampled, and
+    counted. ValueError, one line, with fewer than a step's prompts or, with_responses, a problem
+    without a reference response."""
+    prompts = [build_prompt(tokenizer, e.problem) for e in examples]
+    fits = [len(p) + max_new_tokens <= max_context for p in prompts]
+    examples, prompts = [e for e, ok in zip(examples, fits) if ok], [p for p, ok in zip(prompts, fits) if ok]
+    if len(prompts) < prompts_per_step:
+        raise ValueError(f"{len(prompts)} usable prompts, fewer than --prompts-per-step {prompts_per_step}")
+    responses = [response_ids(tokenizer, e.response) for e in examples] if with_responses else None
+    if responses is not None and None in responses:
+        raise ValueError(f"--rollouts-from dataset needs a reference response for every problem; {name} has none "
+                         f"for problem {responses.index(None)}")
+    return prompts, responses, fits.count(False)
+
+
+def step_prompts(n_prompts: int, prompts_per_step: int, seed: int, step: int) -> list[int]:
+    """Global prompt indices of a step: epochs of a seeded permutation, the same on every rank."""
+    epoch, k = divmod(step, n_prompts // prompts_per_step)
+    order = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+    return order[k * prompts_per_step:(k + 1) * prompts_per_step].tolist()
+
+
 def end_of_turn_id(tokenizer) -> int:
-    """The token a reference response ends with: `<|im_end|>` in a ChatML vocabulary, else EOS."""
-    return tokenizer.get_vocab().get(END_OF_TURN, tokenizer.eos_token_id)
+    """The token a whole reference response ends with: the chat template's end of turn, as a sampled
+    response stops there (sample.end_of_turn_id), else EOS."""
+    end = sample_end_of_turn_id(tokenizer)
+    return tokenizer.eos_token_id if end is None else end
 
 
 def response_ids(tokenizer, response: str | None) -> list[int] | None:
@@ -192,8 +221,7 @@ def on_policy_prompts(prompt_indices: list[int], lmbda: float, seed: int, step: 
         raise ValueError(f"lambda (the on-policy fraction) must be in [0, 1], got {lmbda}")
     picks = []
     for index in prompt_indices:
-        digest = hashlib.sha256(f"lmbda/{seed}/{step}/{index}".encode()).digest()
-        u = int.from_bytes(digest[:8], "little") / 2**64  # in [0, 1)
+        u = hash64("lmbda", seed, step, index) / 2**64  # in [0, 1)
         picks.append(u < lmbda)
     return picks
 

@@ -50,7 +50,6 @@ import argparse
 import gc
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -62,6 +61,7 @@ from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
 from data import load_benchmark_hub, load_benchmark_local
+from models import check_model_path, load_hf_model
 from sample import BOXED_INSTRUCTION, HFSampler, build_prompt, default_backend, describe_backend
 from toy import extract_boxed  # the one \boxed{} reader: the toy task grades through it too
 
@@ -182,14 +182,6 @@ def user_turn(problem: dict) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- sampling backends
 
 
-def load_hf_model(path):
-    from transformers import AutoModelForCausalLM
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-
-
 def make_sampler(model_or_path, tokenizer, backend: str, temperature: float, top_p: float, batch_size: int,
                  vllm_kv_cache_gb: float | None = None, vllm_gpu_fraction: float = 0.9):
     """An object with .generate(prompts, n, max_new_tokens, seed, prompt_indices) -> list[Rollout].
@@ -304,6 +296,37 @@ def evaluate(model_or_path, tokenizer, problems: list[dict], k: int, max_new_tok
 
 
 # ----------------------------------------------------------------------------- reports
+
+
+class ToyEval:
+    """train.py's toy table: accuracy on n held-out toy problems, one sample each at temperature 1, of
+    the teacher and the student before and after training. `saved`: the numbers a checkpoint carried."""
+    KEYS = {"teacher": "teacher_acc", "student_before": "student_acc_before", "student_after": "student_acc_after"}
+
+    def __init__(self, n: int, seed: int, tokenizer, saved: dict):
+        import toy
+        self.problems, self.seed, self.tokenizer = toy.make_problems(n, seed=seed, split="test"), seed, tokenizer
+        self.acc = dict(saved) if saved.get("eval_problems") == n else {}
+
+    def run(self, lms: dict):
+        """Grade each model (name: model) and keep its accuracy."""
+        import toy
+        for name, lm in lms.items():
+            self.acc[name] = evaluate(lm, self.tokenizer, self.problems, 1, toy.MAX_NEW_TOKENS, self.seed,
+                                      desc=f"eval {name}")["acc"]
+        self.acc["eval_problems"] = len(self.problems)
+        if "student_before" in lms:
+            print(f"toy accuracy before training: teacher {self.acc['teacher']:.3f}, student "
+                  f"{self.acc['student_before']:.3f}", flush=True)
+
+    def summary(self) -> dict:
+        return {key: self.acc[name] for name, key in self.KEYS.items() if name in self.acc} | \
+            {"eval_problems": len(self.problems)}
+
+    def table(self) -> str:
+        rows = [f"| {name.replace('_', ' ')} | {self.acc[name]:.3f} |" for name in self.KEYS if name in self.acc]
+        return "\n".join([f"\n| toy, {len(self.problems)} held-out problems, 1 sample at T=1 | accuracy |",
+                          "|---|---|"] + rows)
 
 
 def read_meta(checkpoint) -> dict | None:
@@ -448,20 +471,6 @@ def select(args) -> None:
         evaluate_checkpoint(best, args.test, args, out_dir / "test" / best.name, name=f"{run_dir.name}/{best.name}",
                             replace_stale=True)
         print((out_dir / "test" / best.name / "results.md").read_text())
-
-
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # `name` or `org/name`, as the hub spells model ids
-
-
-def check_model_path(name: str, flag: str = "--model") -> str:
-    """A checkpoint name as given, `~` expanded. A name that looks like a local path (it starts with
-    ./, ../, / or ~, or has a separator and is not `org/name`) must be a directory: otherwise
-    ValueError, one line, instead of the traceback transformers prints when it tries the hub."""
-    local = name.startswith((".", "/", "~")) or (os.sep in name and not HUB_ID.fullmatch(name))
-    path = os.path.expanduser(name)
-    if local and not os.path.isdir(path):
-        raise ValueError(f"{flag} {name}: no such checkpoint directory")
-    return path
 
 
 def check_data_dir(data_dir, benchmarks: list[str]) -> None:

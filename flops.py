@@ -144,6 +144,13 @@ def _shape(config):
     return shape
 
 
+def model_shape(name_or_config) -> dict:
+    """The integers of _shape plus tie_word_embeddings, from a hub name, a path or a config."""
+    config = config_for(name_or_config)
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    return _shape(config) | {"tied": bool(get("tie_word_embeddings"))}
+
+
 def _check_seqlens(seqlens):
     try:
         seqlens = [operator.index(s) for s in seqlens]
@@ -216,6 +223,42 @@ def step_flops(student_config, teacher_config, seqlens, loss: str = "opd", rollo
     if loss == "gkd":
         flops += forward_flops(teacher_config, seqlens)  # the teacher's full next-token distributions
     return flops
+
+
+def rollout_flops(student_config, teacher_config, on_policy_seqlens, off_policy_seqlens, loss: str = "opd",
+                  rollouts_from: str = "student") -> int:
+    """FLOP of a step's rollouts, per objective and per who wrote them: the on-policy ones as the
+    student's, the others as `rollouts_from`'s (GKD's lambda mixes the two)."""
+    total = 0
+    for seqlens, source in ((on_policy_seqlens, "student"), (off_policy_seqlens, rollouts_from)):
+        if seqlens:
+            total += step_flops(student_config, teacher_config, seqlens, loss=loss, rollouts_from=source)
+    return total
+
+
+def planned_flops(student_config, teacher_config, rollouts: int, on_policy_share: float, seqlen: int,
+                  loss: str = "opd", rollouts_from: str = "student") -> int:
+    """rollout_flops of a step whose rollouts all have seqlen tokens (prompt + L_train), a share of
+    them on-policy: the cost a schedule plans for before any rollout is drawn."""
+    on = round(rollouts * on_policy_share)
+    return rollout_flops(student_config, teacher_config, [seqlen] * on, [seqlen] * (rollouts - on), loss,
+                         rollouts_from)
+
+
+# Dense bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets (without sparsity): the
+# denominator of the logged MFU, as verl logs it. Matched against torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+                   "H20": 148e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "MI300X": 1307e12}
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    """The dense bf16 peak of a GPU by its name (the longest table key it contains), None if unknown
+    (a CPU, or a GPU not in the table: give train.py --peak-tflops)."""
+    if not device_name:
+        return None
+    keys = [k for k in PEAK_BF16_FLOPS if k.lower() in device_name.lower()]
+    return PEAK_BF16_FLOPS[max(keys, key=len)] if keys else None
 
 
 def main(argv=None):

@@ -24,11 +24,12 @@ Departures from the paper:
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loss import reverse_kl_stats
 from schedule import token_mask
-from score import token_logprobs
+from score import completion_logprobs, make_micro_batch
 
 
 @dataclass
@@ -59,24 +60,6 @@ def position_kl(sampler_logp: torch.Tensor, teacher_logp: torch.Tensor, lengths:
     return PositionKL(sums.cpu(), counts.cpu())
 
 
-@torch.no_grad()
-def teacher_completion_logprobs(teacher, rollouts, pad_token_id: int) -> torch.Tensor:
-    """log pi_T of each rollout's completion tokens: (B, C) float32, zero past a rollout's length."""
-    rows = [r.prompt_ids + r.completion_ids for r in rollouts]
-    T = max(len(row) for row in rows)
-    ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, row in enumerate(rows):  # right padding: the padded positions are never read below
-        ids[b, :len(row)], attn[b, :len(row)] = torch.tensor(row), 1
-    logp = token_logprobs(teacher, ids.to(teacher.device), attn.to(teacher.device)).cpu()  # (B, T-1)
-    C = max(len(r.completion_ids) for r in rollouts)
-    out = torch.zeros((len(rollouts), C))
-    for b, r in enumerate(rollouts):
-        start = len(r.prompt_ids) - 1  # logp[:, s] is the log-prob of token s+1: the first completion token
-        out[b, :len(r.completion_ids)] = logp[b, start:start + len(r.completion_ids)]
-    return out
-
-
 def kl_by_position(sampler, teacher, prompts: list[list[int]], max_new_tokens: int, seed: int, *,
                    n: int = 1, prompt_indices: list[int] | None = None, pad_token_id: int,
                    batch_size: int) -> PositionKL:
@@ -86,13 +69,30 @@ def kl_by_position(sampler, teacher, prompts: list[list[int]], max_new_tokens: i
                 if r.completion_ids]  # an empty completion has no position to count
     total = PositionKL(*torch.zeros(2, max_new_tokens, dtype=torch.float64))  # (T,) sums and counts
     for start in range(0, len(rollouts), batch_size):
-        group = rollouts[start:start + batch_size]
-        teacher_logp = teacher_completion_logprobs(teacher, group, pad_token_id)  # (B, C)
-        sampler_logp = torch.zeros_like(teacher_logp)
-        for b, r in enumerate(group):
-            sampler_logp[b, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp)
-        lengths = torch.tensor([len(r.completion_ids) for r in group])
-        part = position_kl(sampler_logp, teacher_logp, lengths, max_new_tokens)
+        batch = make_micro_batch(rollouts[start:start + batch_size], pad_token_id, teacher.device)
+        with torch.no_grad():
+            teacher_logp = completion_logprobs(teacher, batch)  # (B, C) log pi_T of the sampled tokens
+        part = position_kl(batch["sampler_logp"].cpu(), teacher_logp.cpu(), batch["lengths"].cpu(), max_new_tokens)
         total.sums += part.sums
         total.counts += part.counts
     return total
+
+
+class ProbeSet:
+    """train.py's probe: a fixed set of n prompts (a seeded draw), each rank sampling its share of them
+    with seeds of their own (negative prompt indices, never a training rollout's). Evaluation: its FLOP
+    stay out of a run's total_flops."""
+
+    def __init__(self, prompts, n: int, seed: int, rank: int, world_size: int, max_new_tokens: int, batch_size: int):
+        chosen = np.random.default_rng([seed, 1]).permutation(len(prompts))[:n].tolist()
+        self.mine = chosen[rank::world_size]
+        self.prompts = [prompts[i] for i in self.mine]
+        self.seed, self.max_new_tokens, self.batch_size = seed, max_new_tokens, batch_size
+
+    def run(self, sampler, teacher, pad_token_id: int, all_sum) -> PositionKL:
+        """kl_by_position of the set, summed over ranks (all_sum: an in-place all-reduce)."""
+        part = kl_by_position(sampler, teacher, self.prompts, self.max_new_tokens, self.seed,
+                              prompt_indices=[-1 - i for i in self.mine], pad_token_id=pad_token_id,
+                              batch_size=self.batch_size)
+        device = teacher.device
+        return PositionKL(*(all_sum(x.to(device)).cpu() for x in (part.sums, part.counts)))

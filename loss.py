@@ -35,10 +35,12 @@ full-vocabulary GKD divergences it is compared with.
    sampler's nucleus exactly, so the ratio could not be 1.
 
    Normalisation: summed over the tokens of a sequence (the paper sums over the sequence length:
-   Eq. 1 is a sequence-level KL, so a sequence's tokens are not averaged away) and divided by the
-   number of sequences in the *global* batch, passed in as `num_sequences`. Dividing by a global
-   count, not by the micro-batch's, makes the sum of micro-batch gradients and DDP's average over
-   ranks equal the gradient of one big batch, however the rollouts are split.
+   Eq. 1 is a sequence-level KL, so a sequence's tokens are not averaged away) and divided by
+   `num_sequences`, the number of sequences on this rank in this step (every rank holds the same
+   number). Summing the micro-batch gradients then gives this rank's mean over its sequences, and
+   DDP's all-reduce (FSDP2's reduce-scatter) averages over ranks: together the gradient of the mean
+   over the global batch, however the rollouts are split (tests/test_train.py). Passing the global
+   count instead would divide the gradient by the world size once more.
 
 2. GKD (paper §5.3; Agarwal et al. 2024): the generalized Jensen-Shannon divergence between the
    full next-token distributions, with the TRL `generalized_jsd_loss` semantics:
@@ -113,17 +115,59 @@ def gkd_loss(student_logits, teacher_logits, mask, num_sequences: int, beta: flo
     return (generalized_jsd(student_logits, teacher_logits, beta, temperature) * mask).sum() / num_sequences
 
 
-def reverse_kl_stats(sampler_logp, teacher_logp, mask, bin_size: int = 256, n_bins: int | None = None):
+def reverse_kl_stats(student_logp, teacher_logp, mask, bin_size: int = 256, n_bins: int | None = None):
     """Mean per-token reverse-KL estimate log q - log pi_T overall and per bin of positions.
 
+    student_logp: the log-prob of each sampled token under the distribution it was drawn from (the
+    sampler's log q, or the trainer's log pi_theta at the sampler's temperature, equal up to numerics).
     Returns (sum, count, bin_sums, bin_counts) as float tensors so ranks can all-reduce them before
     dividing; bins are [0, 256), [256, 512), ... of the completion positions, n_bins of them
     (default: enough for T; more gives empty bins, so batches of different T add up).
     """
-    kl = (sampler_logp - teacher_logp) * mask  # (B, T)
+    kl = (student_logp - teacher_logp) * mask  # (B, T)
     T = kl.shape[1]
     n_bins = max(n_bins or 0, (T + bin_size - 1) // bin_size)
     pad = n_bins * bin_size - T
     kl_bins = F.pad(kl, (0, pad)).view(kl.shape[0], n_bins, bin_size).sum((0, 2))
     count_bins = F.pad(mask, (0, pad)).view(mask.shape[0], n_bins, bin_size).sum((0, 2))
     return kl.sum(), mask.sum(), kl_bins, count_bins
+
+
+class StepStats:
+    """A step's logged statistics: summed over its micro-batches (add), then over ranks (reduce)."""
+
+    def __init__(self, L_train: int, kl_bin: int, device, ratio_cap: float | None = None):
+        self.kl_bin, self.n_bins, self.ratio_cap = kl_bin, (L_train + kl_bin - 1) // kl_bin, ratio_cap
+        zero = lambda n=(): torch.zeros(n, device=device)  # noqa: E731
+        self.loss, self.kl, self.tokens, self.ratio_sum, self.above_cap, self.ratio_max = (zero() for _ in range(6))
+        self.bin_sums, self.bin_counts = zero(self.n_bins), zero(self.n_bins)
+
+    def add(self, loss, ratio, student_logp, teacher_logp, mask, num_sequences: int):
+        """One micro-batch: its loss (already divided by num_sequences), ratios and log-probs, (B, C)."""
+        kl, tokens, kl_bins, count_bins = reverse_kl_stats(student_logp.detach(), teacher_logp, mask, self.kl_bin,
+                                                           self.n_bins)
+        self.loss += loss.detach() * num_sequences
+        self.kl, self.tokens = self.kl + kl, self.tokens + tokens
+        self.bin_sums += kl_bins[:self.n_bins]
+        self.bin_counts += count_bins[:self.n_bins]
+        self.ratio_sum += (ratio * mask).sum()
+        self.ratio_max = torch.maximum(self.ratio_max, (ratio * mask).max())
+        if self.ratio_cap is not None:
+            self.above_cap += ((ratio >= self.ratio_cap) * mask).sum()
+
+    def reduce(self, rollouts, on_policy_prompts: int, prompts_per_step: int, all_sum, all_max) -> dict:
+        """The metrics over all ranks (all_sum, all_max: in-place collectives, or identities on one
+        process), given this rank's rollouts and how many of its prompts were sampled on-policy."""
+        counts = torch.tensor([len(rollouts), sum(r.truncated for r in rollouts), on_policy_prompts],
+                              device=self.loss.device, dtype=torch.float32)
+        n, truncated, on_policy = all_sum(counts).tolist()
+        sums = all_sum(torch.stack([self.loss, self.kl, self.tokens, self.ratio_sum, self.above_cap]))
+        bin_sums, bin_counts = all_sum(self.bin_sums), all_sum(self.bin_counts)
+        loss, kl, tokens, ratio_sum, above_cap = sums.tolist()
+        return {"loss": loss / n, "reverse_kl": kl / max(tokens, 1), "rollouts": int(n), "truncated": int(truncated),
+                "on_policy_fraction": on_policy / prompts_per_step, "response_tokens": int(tokens),
+                "mean_response_tokens": tokens / n, "ratio_mean": ratio_sum / max(tokens, 1),
+                "ratio_max": all_max(self.ratio_max).item(),
+                "ratio_above_cap": above_cap / max(tokens, 1) if self.ratio_cap else None, "kl_bin": self.kl_bin,
+                "reverse_kl_by_position": [round((s / c).item(), 5) if c > 0 else None
+                                           for s, c in zip(bin_sums, bin_counts)]}

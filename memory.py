@@ -45,10 +45,12 @@ Departures / what is computed, not measured:
 3. Host RAM is not planned (each rank loads the student on the CPU before FSDP2 shards it).
 """
 
+import json
 import math
 from dataclasses import dataclass, field
 
-from flops import _shape, config_for
+from flops import model_shape
+from sample import hf_batch_size, kv_bytes_per_token  # the sampler's own batch sizing
 
 GB = 1e9
 RESERVE_GB = 2.0  # allocator fragmentation, NCCL and CUDA context, per GPU (computed, not measured)
@@ -56,13 +58,6 @@ VLLM_OVERHEAD_GB = 2.0  # vLLM's CUDA graphs, sampler and activation workspace (
 SCORE_CHUNK = 512  # positions per lm_head chunk in score.py
 # --dry-run's projected hours: A100 bf16 dense peak, and a utilisation assumed, not measured
 GPU_PEAK_FLOPS, UTILISATION = 312e12, 0.3
-
-
-def model_shape(name_or_config) -> dict:
-    """The integers of flops._shape plus tie_word_embeddings, from a hub name, a path or a config."""
-    config = config_for(name_or_config)
-    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
-    return _shape(config) | {"tied": bool(get("tie_word_embeddings"))}
 
 
 def param_shapes(shape: dict) -> list[tuple[int, ...]]:
@@ -82,11 +77,6 @@ def shard_numel(shape: dict, world_size: int) -> int:
     """Elements of one FSDP2 shard: every parameter is split on dim 0 into world_size chunks of
     ceil(dim0 / world_size) rows, the last ones padded."""
     return sum(math.ceil(s[0] / world_size) * math.prod(s[1:]) for s in param_shapes(shape))
-
-
-def kv_bytes_per_token(shape: dict, dtype_bytes: int) -> int:
-    """K and V of one token over all layers."""
-    return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * dtype_bytes
 
 
 def layer_activation_bytes(shape: dict, on_gpu: bool) -> int:
@@ -124,13 +114,6 @@ def gkd_logits_bytes(shape: dict, tokens: int, beta: float, on_gpu: bool) -> int
     log-mixture and its KL terms), gradient included (tests/test_memory.py)."""
     kept = 12 if 0 < beta < 1 else 5
     return (kept * 4 + 2 * (2 if on_gpu else 4)) * tokens * shape["vocab_size"]
-
-
-def hf_batch_size(shape: dict, seq_tokens: int, budget_bytes: float, dtype_bytes: int, cap: int = 256) -> int:
-    """Rows of one transformers generate batch that fit a KV-cache budget: each row holds its K and
-    V for seq_tokens tokens and one float32 row of logits (x 3: log-softmax, exp, cumsum)."""
-    per_row = seq_tokens * kv_bytes_per_token(shape, dtype_bytes) + 3 * 4 * shape["vocab_size"] * 2
-    return max(0, min(cap, int(budget_bytes // per_row)))
 
 
 @dataclass
@@ -174,7 +157,7 @@ def plan(student, teacher, *, world_size: int, fsdp: bool, sampler: str, loss: s
          micro_batch_tokens: int, activation_checkpointing: bool, prompt_tokens: int, L_max: int,
          vllm_kv_cache_gb: float | None, gpu_memory_gb: float, on_gpu: bool = True, beta: float = 0.5,
          vllm_sleep: bool = False) -> Plan:
-    """The per-GPU plan of a train.py run (the flags of the same names; L_max: the longest L_train)."""
+    """The per-GPU plan of a train.py run (arguments named as its flags; L_max: the longest L_train)."""
     S, T = model_shape(student), model_shape(teacher)
     half = 2 if on_gpu else 4  # bf16 on GPUs, float32 on CPU (train.py)
     p = Plan(budget_gb=gpu_memory_gb)
@@ -236,73 +219,59 @@ def plan(student, teacher, *, world_size: int, fsdp: bool, sampler: str, loss: s
     return p
 
 
-PLAN_FLAGS = ("fsdp", "sampler", "loss", "beta", "rollouts_from", "micro_batch_tokens", "activation_checkpointing",
-              "vllm_kv_cache_gb", "vllm_sleep")
-
-
-def plan_run(args, *, world_size: int, prompt_tokens: int, L_max: int, on_gpu: bool, **changes) -> Plan:
-    """plan() for train.py's parsed flags; `changes` override flags (used by fit_hint)."""
-    flags = {k: getattr(args, k) for k in PLAN_FLAGS} | changes
-    if getattr(args, "lmbda", None):  # the student samples a share of the prompts: plan for its sampler
-        flags["rollouts_from"] = "student"
-    return plan(args.student, args.teacher, world_size=world_size, prompt_tokens=prompt_tokens, L_max=L_max,
-                gpu_memory_gb=args.gpu_memory_gb, on_gpu=on_gpu, **flags)
-
-
-def fit_hint(args, **context) -> str | None:
-    """The first flag that makes a run fit that does not as it stands, e.g. '--fsdp'; None if none does."""
-    tries = [({"fsdp": True}, "--fsdp")] if not args.fsdp else []
-    if not (args.activation_checkpointing or args.fsdp):
-        tries.append(({"activation_checkpointing": True}, "--activation-checkpointing"))
-    if args.sampler == "vllm" and not args.vllm_sleep:
-        tries.append(({"vllm_sleep": True}, "--vllm-sleep"))
-    mb = args.micro_batch_tokens
+def fit_hint(**plan_kwargs) -> dict | None:
+    """The first single change of plan()'s arguments that makes a plan fit that does not as it
+    stands, e.g. {"fsdp": True}; None if none does."""
+    tries = [{"fsdp": True}] if not plan_kwargs["fsdp"] else []
+    if not (plan_kwargs["activation_checkpointing"] or plan_kwargs["fsdp"]):
+        tries.append({"activation_checkpointing": True})
+    vllm = plan_kwargs["sampler"] == "vllm"
+    if vllm and not plan_kwargs.get("vllm_sleep"):
+        tries.append({"vllm_sleep": True})
+    mb = plan_kwargs["micro_batch_tokens"]
     while mb > 512:
         mb //= 2
-        tries.append(({"micro_batch_tokens": mb}, f"--micro-batch-tokens {mb}"))
-    if args.sampler == "vllm":
-        tries.append(({"vllm_kv_cache_gb": 4.0}, "--vllm-kv-cache-gb 4"))
-    for change, hint in tries:
-        if plan_run(args, **context, **change).fits:
-            return hint
-    return None
+        tries.append({"micro_batch_tokens": mb})
+    if vllm:
+        tries.append({"vllm_kv_cache_gb": 4.0})
+    return next((change for change in tries if plan(**plan_kwargs | change).fits), None)
 
 
-# The setups of the README's memory table: train.py flags (paper §4-5, on 8 x 80 GB)
-README_SETUPS = {
-    "1.7B, L_train 1024": "--prefix 1024",
-    "1.7B, linear schedule": "--prefix 1 --prefix-step 256",
-    "1.7B, full OPD": "--prefix 0",
-    "1.7B, GKD at 256": "--loss gkd --prefix 256 --samples-per-prompt 1",
-    "8B FSDP2, L_train 1024": "--preset qwen3-8b --fsdp --sampler vllm --prefix 1024",
-    "8B FSDP2, full OPD": "--preset qwen3-8b --fsdp --sampler vllm --prefix 0",
-    "8B DDP, L_train 1024": "--preset qwen3-8b --prefix 1024",
-}
+def as_flag(change: dict | None) -> str | None:
+    """{"micro_batch_tokens": 2048} -> "--micro-batch-tokens 2048": plan()'s arguments are named as
+    train.py's flags."""
+    if change is None:
+        return None
+    (key, value), = change.items()
+    flag = "--" + key.replace("_", "-")
+    return flag if value is True else f"{flag} {value:g}"
 
 
-def readme_table(python: str = "python") -> str:
-    """The README's memory table: `train.py --dry-run` of each README_SETUPS entry, GB per GPU."""
-    import json
-    import subprocess
-    from pathlib import Path
-
-    results = {}
-    for name, flags in README_SETUPS.items():
-        out = subprocess.run([python, str(Path(__file__).with_name("train.py")), "--dry-run", "--sampler", "vllm",
-                              *flags.split()], capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "",
-                              "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    parts = list(dict.fromkeys(p for r in results.values() for p in r["parts"]))
-    lines = ["| GB per GPU | " + " | ".join(results) + " |", "| --- |" + " ---: |" * len(results)]
-    for part in parts:
-        lines.append(f"| {part} | " + " | ".join(f"{r['parts'][part]:.1f}" if part in r["parts"] else ""
-                                                  for r in results.values()) + " |")
-    lines.append("| **peak** | " + " | ".join(f"**{r['peak_gb']:.1f}**" for r in results.values()) + " |")
-    lines.append("| fits 80 GB | " + " | ".join("yes" if r["fits"] else f"no: {r['fit_hint']}"
-                                                for r in results.values()) + " |")
-    return "\n".join(lines)
+def no_fit_message(plan_kwargs: dict) -> str:
+    """Why a run does not fit and the flag that would make it: train.py's start-up error on a GPU."""
+    p, hint = plan(**plan_kwargs), as_flag(fit_hint(**plan_kwargs))
+    return (f"this run needs {p.peak_gb:.0f} GB per GPU, more than --gpu-memory-gb {p.budget_gb:.0f}; "
+            + (f"add {hint}" if hint else "no single flag fixes it"))
 
 
-if __name__ == "__main__":
-    import sys
-    print(readme_table(sys.executable))
+def dry_run(plan_kwargs: dict, flops_per_step: list[float], schedule: str) -> bool:
+    """train.py --dry-run: print the plan's table, App. B FLOP of the run and its hours at an assumed
+    utilisation, then one JSON line; returns whether it fits. Loads no weights, needs no GPU."""
+    p, k = plan(**plan_kwargs), plan_kwargs
+    gpus = k["world_size"]
+    hours = sum(flops_per_step) / (gpus * GPU_PEAK_FLOPS * UTILISATION) / 3600
+    print(f"dry run: {k['student']} <- {k['teacher']} on {gpus} GPU(s) of {k['gpu_memory_gb']:.0f} GB, "
+          f"{'FSDP2' if k['fsdp'] else 'DDP'}, sampler {k['sampler']}, L_train {schedule} up to {k['L_max']}, "
+          f"prompts of <= {k['prompt_tokens']} tokens\n\n{p.table()}\n")
+    print(f"FLOP (App. B, every rollout reaching L_train): {flops_per_step[0]:.3e} at step 1, "
+          f"{sum(flops_per_step):.3e} for {len(flops_per_step)} steps; {hours:.1f} h at {UTILISATION:.0%} of "
+          f"{GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s per GPU (an assumption, not a measurement)")
+    hint = None if p.fits else as_flag(fit_hint(**plan_kwargs))
+    if hint:
+        print(f"does not fit; with {hint} it would")
+    print(json.dumps({"fits": p.fits, "peak_gb": round(p.peak_gb, 2), "budget_gb": plan_kwargs["gpu_memory_gb"],
+                      "gpus": gpus, "sampler": plan_kwargs["sampler"], "hf_batch": p.hf_batch,
+                      "flops_step_1": flops_per_step[0], "flops_total": sum(flops_per_step),
+                      "hours": round(hours, 2), "fit_hint": hint,
+                      "parts": {f"{part} [{phase}]": round(b / GB, 2) for part, phase, b, _ in p.rows}}))
+    return p.fits

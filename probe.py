@@ -60,6 +60,7 @@ from tqdm import tqdm
 from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, check_data_dir, check_model_path, grade,
                   load_benchmark, load_hf_model, make_sampler, max_new_tokens_for, user_turn)
 from sample import build_prompt, describe_backend
+from models import display_path
 from score import check_same_vocabulary
 
 TEACHER_SEED_OFFSET = 1  # the teacher samples with seed + 1: streams of its own (departure 2)
@@ -198,7 +199,7 @@ def results_table(result: dict, settings: dict) -> str:
     """Markdown: one row per L, then the teacher alone."""
     s = settings
     lines = ["## Teacher-prefix probe (paper §3, Fig. 3)", "",
-             f"Student `{s['student']}`, teacher `{s['teacher']}`. Benchmark {s['benchmark']}: {s['n']} problems x "
+             f"Student `{display_path(s['student'])}`, teacher `{display_path(s['teacher'])}`. Benchmark {s['benchmark']}: {s['n']} problems x "
              f"{s['k']} sample{'s' * (s['k'] != 1)} at temperature {TEMPERATURE}, drawn by "
              f"{'vLLM' if s['backend'] == 'vllm' else 'transformers'}; response budget "
              f"B = {s['max_new_tokens']} tokens, teacher prefix included; seed {s['seed']} "

@@ -85,7 +85,7 @@ def run_all(out: Path, s: dict):
             if (d / "summary.json").exists():
                 continue
             cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "toy", "--out", str(d), "--seed", str(seed),
-                   "--steps", str(s["steps"]), "--eval-problems", str(s["eval_problems"]), "--no-plots",
+                   "--steps", str(s["steps"]), "--eval-problems", str(s["eval_problems"]),
                    "--overwrite", *flags.format(probe_every=s["probe_every"]).split()]
             if name != "full OPD":  # the teacher and the untrained student are graded once per seed
                 cmd.append("--no-eval-before")
@@ -247,6 +247,37 @@ def write_page(out: Path, runs: dict, s: dict, mode: str, wall: float):
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
+# The setups of the README's memory table: train.py flags (paper §4-5, on 8 x 80 GB)
+MEMORY_SETUPS = {
+    "1.7B, L_train 1024": "--prefix 1024",
+    "1.7B, linear schedule": "--prefix 1 --prefix-step 256",
+    "1.7B, full OPD": "--prefix 0",
+    "1.7B, GKD at 256": "--loss gkd --prefix 256 --samples-per-prompt 1",
+    "8B FSDP2, L_train 1024": "--preset qwen3-8b --fsdp --sampler vllm --prefix 1024",
+    "8B FSDP2, full OPD": "--preset qwen3-8b --fsdp --sampler vllm --prefix 0",
+    "8B DDP, L_train 1024": "--preset qwen3-8b --prefix 1024",
+}
+
+
+def memory_table(python: str = sys.executable) -> str:
+    """The README's memory table: the JSON line of `train.py --dry-run` for each setup, GB per GPU."""
+    results = {}
+    for name, flags in MEMORY_SETUPS.items():
+        out = subprocess.run([python, str(ROOT / "train.py"), "--dry-run", "--sampler", "vllm", *flags.split()],
+                             capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+                                                                  "PATH": "/usr/bin:/bin"})
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    parts = list(dict.fromkeys(p for r in results.values() for p in r["parts"]))
+    lines = ["| GB per GPU | " + " | ".join(results) + " |", "| --- |" + " ---: |" * len(results)]
+    for part in parts:
+        lines.append(f"| {part} | " + " | ".join(f"{r['parts'][part]:.1f}" if part in r["parts"] else ""
+                                                  for r in results.values()) + " |")
+    lines.append("| **peak** | " + " | ".join(f"**{r['peak_gb']:.1f}**" for r in results.values()) + " |")
+    lines.append("| fits 80 GB | " + " | ".join("yes" if r["fits"] else f"no: {r['fit_hint']}"
+                                                for r in results.values()) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The paper's experiments on the toy, and docs/RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="1 seed, 8 steps, 128 problems")
@@ -255,7 +286,11 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="1 step per run, 4 problems: tests the pipeline, "
                         "says nothing about the results")
     parser.add_argument("--report-only", action="store_true", help="write the page from finished runs only")
+    parser.add_argument("--memory-table", action="store_true", help="print the README's memory table (train.py "
+                        "--dry-run of the paper's setups on 8 x 80 GB) and exit")
     args = parser.parse_args(argv)
+    if args.memory_table:
+        return print(memory_table())
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     s = SETTINGS[mode]
     out = Path(args.out or f"runs/reproduce{'' if mode == 'full' else '_' + mode}")

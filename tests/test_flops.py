@@ -277,3 +277,12 @@ def test_step_flops_needs_the_teacher_only_where_it_runs():
 def test_step_flops_refuses_what_has_no_count(kwargs, message):
     with pytest.raises(ValueError, match=message):
         flops.step_flops(S, T, SEQLENS, **kwargs)
+
+
+def test_peak_flops_matches_the_longest_name_and_knows_no_cpu():
+    from flops import peak_flops
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA GH200 480GB") == 989e12
+    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops(None) is None and peak_flops("cpu") is None and peak_flops("NVIDIA T4") is None

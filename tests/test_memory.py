@@ -224,9 +224,9 @@ def test_dry_run_of_the_8b_student_without_fsdp_does_not_fit_and_names_the_flag(
 
 def test_dry_run_flop_is_the_app_b_count_of_the_schedule():
     from flops import opd_flops
-    _, result, _ = dry_run("--prefix", "1", "--prefix-step", "256", "--steps", "3", "--prompt-tokens", "100",
-                           "--prompts-per-step", "8", "--samples-per-prompt", "2")
-    expected = [opd_flops("Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-8B", [100 + L] * 16) for L in (1, 257, 513)]
+    _, result, _ = dry_run("--prefix", "1", "--prefix-step", "256", "--steps", "3", "--prompts-per-step", "8",
+                           "--samples-per-prompt", "2")
+    expected = [opd_flops("Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-8B", [512 + L] * 16) for L in (1, 257, 513)]  # prompts <= 512
     assert result["flops_step_1"] == expected[0] and result["flops_total"] == sum(expected)
     hours = sum(expected) / (8 * memory.GPU_PEAK_FLOPS * memory.UTILISATION) / 3600
     assert result["hours"] == round(hours, 2)
@@ -242,5 +242,12 @@ def test_plan_phases_add_up_to_the_peak():
     assert math.isclose(plan.peak_gb, plan.peak_bytes / 1e9)
 
 
-def test_readme_memory_table_is_the_output_of_memory_py():
-    assert memory.readme_table(sys.executable) in (ROOT / "README.md").read_text()
+def test_readme_memory_table_is_the_output_of_reproduce_memory_table():
+    import reproduce
+    assert reproduce.memory_table(sys.executable) in (ROOT / "README.md").read_text()
+
+
+def test_dry_run_plans_for_the_gpus_it_is_given():
+    _, eight, _ = dry_run("--prefix", "1024")
+    _, two, _ = dry_run("2", "--prefix", "1024")  # --dry-run GPUS
+    assert eight["gpus"] == 8 and two["gpus"] == 2 and abs(two["hours"] - 4 * eight["hours"]) < 0.05

@@ -163,3 +163,59 @@ def test_top_p_is_refused_and_any_positive_temperature_accepted():
             check_sampling_is_scorable(bad, 1.0)
         with pytest.raises(ValueError, match="temperature must be > 0"):
             token_logprobs(tiny_qwen3(), torch.tensor([[5, 6]]), temperature=bad)
+
+
+# ----------------------------------------------------------------------------- rollouts in micro-batches
+
+
+def random_rollouts(n, vocab, seed=0):
+    from sample import Rollout
+    g = torch.Generator().manual_seed(seed)
+    rollouts = []
+    for i in range(n):
+        P, C = int(torch.randint(3, 40, (1,), generator=g)), int(torch.randint(1, 60, (1,), generator=g))
+        rollouts.append(Rollout(prompt_ids=torch.randint(3, vocab, (P,), generator=g).tolist(),
+                                completion_ids=torch.randint(3, vocab, (C,), generator=g).tolist(),
+                                sampler_logp=(-torch.rand(C, generator=g) * 4).tolist(), truncated=False,
+                                prompt_index=i))
+    return rollouts
+
+
+def test_completion_logprobs_are_the_naive_scores_of_each_completion_token():
+    from score import completion_logprobs, make_micro_batch
+    model = tiny_qwen3()
+    rollouts = random_rollouts(6, 64)
+    batch = make_micro_batch(rollouts, 0, "cpu")
+    with torch.no_grad():
+        got = completion_logprobs(model, batch)  # (B, C)
+        for b, r in enumerate(rollouts):  # one sequence at a time, no padding
+            ids = torch.tensor([r.prompt_ids + r.completion_ids])
+            want = naive_logprobs(model, ids, torch.ones_like(ids))[0, len(r.prompt_ids) - 1:]
+            assert torch.allclose(got[b, :len(r.completion_ids)], want, atol=1e-5)
+            assert batch["mask"][b].sum() == len(r.completion_ids)
+
+
+def test_packing_by_length_pads_less_and_changes_the_gradient_only_by_rounding():
+    """The OPD loss is a sum over sequences, so grouping the same rollouts into other micro-batches
+    changes the accumulated gradient only by float rounding; sorted by length they pad less."""
+    from loss import opd_loss
+    from score import completion_logprobs, group_by_budget, make_micro_batch
+    model = tiny_qwen3()
+    rollouts = random_rollouts(24, 64, seed=1)
+    length = lambda r: len(r.prompt_ids) + len(r.completion_ids)  # noqa: E731
+    grads, pads = [], []
+    for order in (rollouts, sorted(rollouts, key=length)):
+        model.zero_grad()
+        pad = slots = 0
+        for group in group_by_budget(order, 300):
+            batch = make_micro_batch(group, 0, "cpu")
+            teacher_logp = torch.full_like(batch["sampler_logp"], -2.0)
+            loss, _ = opd_loss(completion_logprobs(model, batch), batch["sampler_logp"], teacher_logp, batch["mask"],
+                               len(rollouts))
+            loss.backward()
+            pad, slots = pad + int((batch["attn"] == 0).sum()), slots + batch["attn"].numel()
+            assert batch["attn"].numel() <= 300 or len(group) == 1  # the budget holds
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        pads.append(pad / slots)
+    assert (grads[0] - grads[1]).abs().max() < 1e-5 * grads[0].abs().max()
+    assert pads[1] < pads[0], pads

@@ -42,7 +42,7 @@ def test_a_resumed_toy_run_reports_the_same_table_as_a_straight_one(tmp_path):
     """The before-training accuracies travel in the checkpoint, so a resumed run still prints and
     saves them, and its after-training accuracy is that of the uninterrupted run (resume is exact)."""
     def train(out, steps, *extra):
-        flags = ["--out", str(out), "--steps", str(steps), "--save-every", "1", "--eval-problems", "32", "--no-plots"]
+        flags = ["--out", str(out), "--steps", str(steps), "--save-every", "1", "--eval-problems", "32"]
         done = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, *extra], cwd=ROOT,
                               env=os.environ | {"TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True,
                               timeout=600)

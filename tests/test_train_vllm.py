@@ -52,10 +52,10 @@ def train(models, out, sampler, *extra):
     flags = ["--student", models / "student", "--teacher", models / "teacher", "--dataset", models / "data.jsonl",
              "--prefix", 8, "--prefix-step", 4, "--max-new-tokens", 24,  # L_train 8, 12, 16, 20, 24, 24
              "--prompts-per-step", 8, "--samples-per-prompt", 2, "--lr", 1e-2, "--steps", STEPS,
-             "--micro-batch-tokens", 2000, "--kl-bin", 8, "--save-every", STEPS, "--out", out, "--no-plots",
+             "--micro-batch-tokens", 2000, "--kl-bin", 8, "--save-every", STEPS, "--out", out,
              "--sampler", sampler, *extra]
     if sampler == "vllm":
-        flags += ["--vllm-kv-cache-gb", 1, "--check-push"]
+        flags += ["--vllm-kv-cache-gb", 1]  # the push is checked every step
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(launcher + [str(ROOT / "train.py")] + [str(f) for f in flags], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
@@ -132,8 +132,8 @@ TOY_STEPS = 2
 
 def train_toy(out, ranks):
     """python train.py (ranks = 1) or torchrun --nproc_per_node=RANKS train.py -> (metrics rows, out)."""
-    flags = ["--sampler", "vllm", "--vllm-kv-cache-gb", 1, "--check-push", "--prompts-per-step", 64,
-             "--steps", TOY_STEPS, "--eval-problems", 0, "--no-plots", "--out", out]
+    flags = ["--sampler", "vllm", "--vllm-kv-cache-gb", 1, "--prompts-per-step", 64,
+             "--steps", TOY_STEPS, "--eval-problems", 0, "--out", out]
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     proc = subprocess.run(launcher + [str(ROOT / "train.py")] + [str(f) for f in flags], cwd=ROOT, env=ENV,
