@@ -120,7 +120,7 @@ def gkd_logits_bytes(shape: dict, tokens: int, beta: float, on_gpu: bool) -> int
 class Plan:
     rows: list = field(default_factory=list)  # (part, phase, bytes, note)
     budget_gb: float = 80.0
-    hf_batch: int | None = None  # rows per transformers generate call at L_max (None: vLLM samples)
+    hf_batch: int | None = None  # rows per transformers generate call at L_longest (None: vLLM samples)
     hf_kv_cache_bytes: float | None = None  # what the transformers sampler's batches may fill
 
     def add(self, part, phase, nbytes, note=""):
@@ -154,10 +154,10 @@ class Plan:
 
 
 def plan(student, teacher, *, world_size: int, fsdp: bool, sampler: str, loss: str, rollouts_from: str,
-         micro_batch_tokens: int, activation_checkpointing: bool, prompt_tokens: int, L_max: int,
+         micro_batch_tokens: int, activation_checkpointing: bool, prompt_tokens: int, L_longest: int,
          vllm_kv_cache_gb: float | None, gpu_memory_gb: float, on_gpu: bool = True, beta: float = 0.5,
          vllm_sleep: bool = False) -> Plan:
-    """The per-GPU plan of a train.py run (arguments named as its flags; L_max: the longest L_train)."""
+    """The per-GPU plan of a train.py run (arguments named as its flags; L_longest: the run's longest L_train)."""
     S, T = model_shape(student), model_shape(teacher)
     half = 2 if on_gpu else 4  # bf16 on GPUs, float32 on CPU (train.py)
     p = Plan(budget_gb=gpu_memory_gb)
@@ -181,7 +181,7 @@ def plan(student, teacher, *, world_size: int, fsdp: bool, sampler: str, loss: s
     if on_gpu:
         p.add("allocator, NCCL, CUDA context", "resident", RESERVE_GB * GB, "reserve (computed)")
 
-    longest = prompt_tokens + L_max
+    longest = prompt_tokens + L_longest
     mb_tokens = max(micro_batch_tokens, longest)  # a micro-batch holds at least one whole sequence
     # update
     p.add("gradients (fp32)", "update", 4 * local, how + ("; reduce-scattered every micro-batch" if fsdp else ""))
@@ -190,7 +190,7 @@ def plan(student, teacher, *, world_size: int, fsdp: bool, sampler: str, loss: s
           f"{mb_tokens:,} tokens, " + ("checkpointed layers" if activation_checkpointing or fsdp else
                                        "no activation checkpointing") + f", {SCORE_CHUNK}-position chunk of logits")
     if loss == "gkd":  # logits of the completion positions of one micro-batch
-        completion = max(1, mb_tokens // longest) * L_max
+        completion = max(1, mb_tokens // longest) * L_longest
         p.add("GKD full-vocabulary logits", "update", gkd_logits_bytes(S, completion, beta, on_gpu),
               f"{completion:,} completion positions")
     if fsdp:
@@ -261,7 +261,7 @@ def dry_run(plan_kwargs: dict, flops_per_step: list[float], schedule: str) -> bo
     gpus = k["world_size"]
     hours = sum(flops_per_step) / (gpus * GPU_PEAK_FLOPS * UTILISATION) / 3600
     print(f"dry run: {k['student']} <- {k['teacher']} on {gpus} GPU(s) of {k['gpu_memory_gb']:.0f} GB, "
-          f"{'FSDP2' if k['fsdp'] else 'DDP'}, sampler {k['sampler']}, L_train {schedule} up to {k['L_max']}, "
+          f"{'FSDP2' if k['fsdp'] else 'DDP'}, sampler {k['sampler']}, L_train {schedule} up to {k['L_longest']}, "
           f"prompts of <= {k['prompt_tokens']} tokens\n\n{p.table()}\n")
     print(f"FLOP (App. B, every rollout reaching L_train): {flops_per_step[0]:.3e} at step 1, "
           f"{sum(flops_per_step):.3e} for {len(flops_per_step)} steps; {hours:.1f} h at {UTILISATION:.0%} of "

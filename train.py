@@ -201,7 +201,7 @@ if args.dataset == "toy" and args.student == "toy/student":
     args.teacher, args.student = map(str, toy.ensure_built())
 args.out = Path(args.out or f"runs/{args.preset}")
 L_0 = check_args(args, world_size)
-L_max = prefix_length(args.steps - 1, L_0, args.prefix_step, args.max_new_tokens)  # the run's longest L_train
+L_longest = prefix_length(args.steps - 1, L_0, args.prefix_step, args.max_new_tokens)  # the run's longest L_train
 student_samples = args.rollouts_from == "student" or bool(args.lmbda)  # is the student ever sampled?
 if args.sampler is None:  # vLLM where it runs at its best; the transformers loop everywhere else
     args.sampler = default_backend(cuda=torch.cuda.is_available() or args.dry_run is not None)
@@ -218,7 +218,7 @@ def plan_kwargs(gpus: int, prompt_tokens: int, on_gpu: bool) -> dict:
                 loss=args.loss, beta=args.beta, rollouts_from="student" if args.lmbda else args.rollouts_from,
                 micro_batch_tokens=args.micro_batch_tokens, activation_checkpointing=args.activation_checkpointing,
                 vllm_kv_cache_gb=args.vllm_kv_cache_gb, vllm_sleep=args.vllm_sleep, prompt_tokens=prompt_tokens,
-                L_max=L_max, gpu_memory_gb=args.gpu_memory_gb, on_gpu=on_gpu)
+                L_longest=L_longest, gpu_memory_gb=args.gpu_memory_gb, on_gpu=on_gpu)
 
 
 def step_flops_at(student_config, teacher_config, prompt_tokens: int, L_train: int) -> int:

@@ -36,7 +36,7 @@ def test_parameter_shapes_are_those_of_the_transformers_model(name):
 
 def cpu_plan(shape, **kw):
     args = dict(world_size=1, fsdp=False, sampler="hf", loss="opd", rollouts_from="student", micro_batch_tokens=64,
-                activation_checkpointing=False, prompt_tokens=8, L_max=8, vllm_kv_cache_gb=None,
+                activation_checkpointing=False, prompt_tokens=8, L_longest=8, vllm_kv_cache_gb=None,
                 gpu_memory_gb=24, on_gpu=False) | kw
     plan = memory.plan(shape, shape, **args)
     return {part: nbytes for part, _, nbytes, _ in plan.rows}
@@ -235,7 +235,7 @@ def test_dry_run_flop_is_the_app_b_count_of_the_schedule():
 def test_plan_phases_add_up_to_the_peak():
     plan = memory.plan("Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-8B", world_size=8, fsdp=False, sampler="vllm", loss="opd",
                        rollouts_from="student", micro_batch_tokens=4096, activation_checkpointing=True,
-                       prompt_tokens=512, L_max=1024, vllm_kv_cache_gb=10, gpu_memory_gb=80)
+                       prompt_tokens=512, L_longest=1024, vllm_kv_cache_gb=10, gpu_memory_gb=80)
     phases = [plan.phase_bytes(p) for p in ("sample", "score", "update", "push/save")]
     assert plan.peak_bytes == plan.phase_bytes("resident") + max(phases)
     assert plan.phase_bytes("resident") + sum(phases) == sum(b for _, _, b, _ in plan.rows)

@@ -139,7 +139,7 @@ def test_push_weights_updates_engine_in_place(engine):
         for p in updated.parameters():
             p.add_(0.05 * torch.randn_like(p))
     try:
-        sampler.push_weights(updated.state_dict())
+        sampler.push(updated.state_dict())
         rollouts = sampler.generate(prompts, n=2, max_new_tokens=24, seed=3)
         assert max_logp_error(updated, rollouts) < 1e-4
         assert max_logp_error(model, rollouts) > 1e-2  # the old weights are gone
@@ -148,7 +148,7 @@ def test_push_weights_updates_engine_in_place(engine):
             expected = token_logprobs(updated, torch.tensor([sequence]))[0]
         assert (torch.tensor(sampler.score([sequence])[0]) - expected).abs().max().item() < 1e-4
     finally:
-        sampler.push_weights(model.state_dict())  # leave the engine as the other tests expect it
+        sampler.push(model.state_dict())  # leave the engine as the other tests expect it
 
 
 def test_same_seed_same_rollouts_wherever_the_prompt_lands(engine):
