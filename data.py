@@ -49,6 +49,7 @@ import numpy as np
 from sample import Rollout, build_prompt, hash64
 from sample import end_of_turn_id as sample_end_of_turn_id
 
+TOY_TASKS = {"toy": "slips", "toy-slips": "slips", "toy-plan": "plan"}  # dataset/benchmark name: toy.py task
 TOY_TRAIN_PROBLEMS = 20000  # toy train problems when num_questions is not given (a toy run sees a few hundred)
 END_OF_TURN = "<|im_end|>"  # Qwen3's chat turn terminator: how the teacher ends an answer
 THINK = "<think>"
@@ -66,12 +67,13 @@ class Example:
 
 
 def load_examples(name: str, *, seed: int = 0, num_questions: int | None = None) -> list[Example]:
-    """The first `num_questions` examples (all when None) of 'toy', a local JSONL or a hub dataset."""
+    """The first `num_questions` examples (all when None) of a toy task (TOY_TASKS), a local JSONL or a hub dataset."""
     if num_questions is not None and num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
-    if name == "toy":
+    if name in TOY_TASKS:
         import toy
-        problems = toy.make_problems(num_questions or TOY_TRAIN_PROBLEMS, seed=seed, split="train")
+        problems = toy.make_problems(num_questions or TOY_TRAIN_PROBLEMS, seed=seed, split="train",
+                                     task=TOY_TASKS[name])
         return [Example(p["problem"], p["solution"]) for p in problems]
     path = Path(name)
     if path.suffix in (".jsonl", ".json") or path.exists():

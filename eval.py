@@ -60,7 +60,7 @@ from math_verify import LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
 from tqdm import tqdm
 
-from data import load_benchmark_hub, load_benchmark_local
+from data import TOY_TASKS, load_benchmark_hub, load_benchmark_local
 from models import check_model_path, load_hf_model
 from sample import BOXED_INSTRUCTION, HFSampler, build_prompt, default_backend, describe_backend
 from toy import extract_boxed  # the one \boxed{} reader: the toy task grades through it too
@@ -68,9 +68,11 @@ from toy import extract_boxed  # the one \boxed{} reader: the toy task grades th
 TEMPERATURE, TOP_P = 1.0, 1.0  # App. E
 MAX_NEW_TOKENS = 16384  # App. E; the toy benchmark uses toy.MAX_NEW_TOKENS
 # samples per problem: App. E for the paper's benchmarks; toy: what train.py reports (one per problem)
-K_DEFAULT = {"math500": 4, "aime24": 16, "aime25": 16, "gpqa": 4, "mmlu_pro": 4, "gsm8k": 4, "toy": 1}
+K_DEFAULT = {"math500": 4, "aime24": 16, "aime25": 16, "gpqa": 4, "mmlu_pro": 4, "gsm8k": 4, "toy": 1, "toy-slips": 1,
+             "toy-plan": 1}
 TITLES = {"math500": "MATH500", "aime24": "AIME24", "aime25": "AIME25", "gpqa": "GPQA-D",
-          "mmlu_pro": "MMLU-Pro", "gsm8k": "GSM8K", "toy": "Toy"}
+          "mmlu_pro": "MMLU-Pro", "gsm8k": "GSM8K", "toy": "Toy",
+          "toy-slips": "Toy (slips)", "toy-plan": "Toy (plan)"}
 PAPER_BENCHMARKS = ["math500", "aime24", "aime25", "gpqa", "mmlu_pro", "gsm8k"]
 MAX_ANSWER_CHARS = 1000  # the longest MATH500 gold answer has 53 characters
 GRADE_TIMEOUT_S = 3  # per math-verify parse or comparison (whole seconds: it uses signal.alarm)
@@ -161,9 +163,9 @@ def grade(problem: dict, response: str) -> bool:
 
 
 def load_benchmark(name: str, data_dir=None, limit=None, toy_n=TOY_N, toy_seed=TOY_SEED) -> list[dict]:
-    if name == "toy":
+    if name in TOY_TASKS:
         import toy
-        problems = toy.make_problems(toy_n, toy_seed, split="test")
+        problems = toy.make_problems(toy_n, toy_seed, split="test", task=TOY_TASKS[name])
     elif data_dir is not None:
         problems = load_benchmark_local(name, Path(data_dir))
     else:
@@ -303,9 +305,10 @@ class ToyEval:
     the teacher and the student before and after training. `saved`: the numbers a checkpoint carried."""
     KEYS = {"teacher": "teacher_acc", "student_before": "student_acc_before", "student_after": "student_acc_after"}
 
-    def __init__(self, n: int, seed: int, tokenizer, saved: dict):
+    def __init__(self, n: int, seed: int, tokenizer, saved: dict, task: str = "slips"):
         import toy
-        self.problems, self.seed, self.tokenizer = toy.make_problems(n, seed=seed, split="test"), seed, tokenizer
+        self.problems = toy.make_problems(n, seed=seed, split="test", task=task)
+        self.seed, self.tokenizer = seed, tokenizer
         self.acc = dict(saved) if saved.get("eval_problems") == n else {}
 
     def run(self, lms: dict):
@@ -437,7 +440,7 @@ def evaluate_checkpoint(model_path, benchmarks: list[str], args, out_dir: Path, 
 def max_new_tokens_for(bench: str, args) -> int:
     if args.max_new_tokens is not None:
         return args.max_new_tokens
-    if bench == "toy":
+    if bench in TOY_TASKS:
         import toy
         return toy.MAX_NEW_TOKENS
     return MAX_NEW_TOKENS
@@ -478,7 +481,7 @@ def check_data_dir(data_dir, benchmarks: list[str]) -> None:
     if not Path(data_dir).is_dir():
         raise ValueError(f"--data-dir {data_dir}: no such directory")
     for bench in benchmarks:
-        if bench != "toy":
+        if bench not in TOY_TASKS:
             try:
                 load_benchmark(bench, data_dir, limit=1)
             except FileNotFoundError as e:

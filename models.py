@@ -52,9 +52,11 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_pair(student: str, teacher: str, device, *, keep_student_on_cpu: bool = False):
+def load_pair(student: str, teacher: str, device, *, keep_student_on_cpu: bool = False,
+              activation_checkpointing: bool = False):
     """(tokenizer, student, teacher): the student in float32 for training (left on the CPU when FSDP2
-    will shard it), the teacher frozen for inference. ValueError, one line, for a name that does
+    will shard it; with activation_checkpointing each decoder layer keeps only its input and is
+    recomputed in backward), the teacher frozen for inference. ValueError, one line, for a name that does
     not resolve or two vocabularies that differ."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -76,4 +78,6 @@ def load_pair(student: str, teacher: str, device, *, keep_student_on_cpu: bool =
     except ValueError as e:
         raise ValueError(f"student {student}, teacher {teacher}: {e}")
     student_lm.config.use_cache = False
+    if activation_checkpointing:
+        student_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return tokenizer, student_lm, teacher_lm

@@ -70,10 +70,16 @@ def fsdp2(model: torch.nn.Module, decoder_layers, device: torch.device, world_si
     return model
 
 
-def finish(ddp: bool) -> None:
-    """Leave a torchrun job: barrier, destroy the group, and exit without the interpreter's teardown
-    (destroying gloo's C++ threads there can, rarely, abort a finished run with "terminate called
-    without an active exception", exit code -6, which torchrun reports as a failed job)."""
+def finish(ddp: bool, close_first=None) -> None:
+    """Leave a torchrun job: barrier, close_first() (a vLLM engine, whose teardown under torchrun
+    also destroys the process group), destroy the group if it is still there, and exit without the
+    interpreter's teardown (destroying gloo's C++ threads there can, rarely, abort a finished run
+    with "terminate called without an active exception", exit code -6, which torchrun reports as a
+    failed job)."""
+    if ddp:
+        dist.barrier()
+    if close_first is not None:
+        close_first()
     if not ddp:
         return
     if dist.is_initialized():

@@ -60,11 +60,13 @@ from tqdm import tqdm
 from eval import (BATCH_SIZE, K_DEFAULT, TEMPERATURE, TOP_P, check_data_dir, check_model_path, grade,
                   load_benchmark, load_hf_model, make_sampler, max_new_tokens_for, user_turn)
 from sample import build_prompt, describe_backend
+from data import TOY_TASKS
 from models import display_path
 from score import check_same_vocabulary
 
 TEACHER_SEED_OFFSET = 1  # the teacher samples with seed + 1: streams of its own (departure 2)
-PREFIXES = {"toy": [0, 8, 32, 64, 128]}  # default L list per benchmark (toy responses: 160-246 tokens)
+PREFIXES = {"toy": [0, 8, 32, 64, 128], "toy-slips": [0, 8, 32, 64, 128],  # default L list per benchmark
+            "toy-plan": [0, 4, 8, 16, 64]}  # (toy responses: 160-246 tokens; the plan opens them)
 PAPER_PREFIXES = [0, 16, 64, 256, 1024]  # every other benchmark (responses of thousands of tokens)
 VLLM_GPU_FRACTION = 0.45  # of GPU memory per vLLM engine: the student's starts even if the teacher's is not yet freed
 
@@ -300,10 +302,10 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     if args.student is None or args.teacher is None:
-        if args.benchmark != "toy":
-            p.error("--student and --teacher are needed (only the toy has default checkpoints)")
+        if args.benchmark not in TOY_TASKS:
+            p.error("--student and --teacher are needed (only the toy tasks have default checkpoints)")
         import toy
-        teacher, student = toy.ensure_built()
+        teacher, student = toy.ensure_built(task=TOY_TASKS[args.benchmark])
         args.student, args.teacher = args.student or str(student), args.teacher or str(teacher)
     return args
 

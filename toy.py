@@ -1,7 +1,13 @@
 """
-The toy task, its tokenizer, and the teacher and student checkpoints that train.py distils between.
+The toy tasks, their tokenizer, and the teacher and student checkpoints that train.py distils between.
 
-The task: a chain of digits added mod 10, with a worked solution and a boxed answer.
+Two tasks (TASKS), each a chain of digits added mod 10 with a worked solution and a boxed answer:
+'slips', where the student slips at any step alike, so the decisive tokens are spread evenly over
+the response and a trained prefix carries little (docs/RESULTS.md), and 'plan', where the student
+errs only in the plan that opens the response, the paper's premise (§3): a short teacher prefix
+recovers most of the gap, and a short trained prefix covers all the student has to unlearn.
+
+## slips (checkpoints in toy/teacher and toy/student)
 
     problem   Work mod 10: a=4,b=4,c=a+b,d=a+c,e=a+d,f=c+e. What is f?
     solution  a=4
@@ -25,9 +31,9 @@ two digits, reduces the sum mod 10 and binds the result. Why it is built this wa
    was not learned by a 2-layer width-128 one in 600 steps).
 2. Short prompts, long responses. The tokenizer gives each fixed piece of the prompt one token
    (PROMPT_PIECES: the chat template's turns, `<think>\\n`, the instruction sentence and the
-   problem's wording), as a real tokenizer turns a frequent phrase into a few tokens; only the
-   definitions go character by character. And a step line writes the sum in full before reducing
-   it. Prompts are then 39-55 tokens against responses of 160-246 (with EOS), and in App. B FLOP
+   problem's wording; TASK_PIECES per task), as a real tokenizer turns a frequent phrase into a few
+   tokens; only the definitions go character by character. And a step line writes the sum in full
+   before reducing it. Prompts are then 39-55 tokens against responses of 160-246 (with EOS), and in App. B FLOP
    (flops.opd_flops) full OPD costs 5.3x a prefix run at L_train = 8 and 4.6x one at 16. Why both:
    a prefix saves at most the response, so the ratio never exceeds the cost of prompt + response
    over that of the prompt alone, and per definition the prompt holds 6 tokens (`d=b+c,`) and the
@@ -46,18 +52,62 @@ two digits, reduces the sum mod 10 and binds the result. Why it is built this wa
    distribution the student already has, which a few minutes of CPU training can do. Slips happen
    at every step alike, so what the student unlearns on a prefix carries over to the rest (paper §4).
 
+## plan (checkpoints in toy/plan/teacher and toy/plan/student)
+
+    problem   Work mod 10: a=0,b=3,c=3. Each next letter adds the one before it and the one three
+              before it. What is g?
+    solution  add n-3
+              a=0
+              b=3
+              c=3
+              d=a+c,a=0,c=3,0+3=3,3 mod 10=3,d=3
+              e=b+d,b=3,d=3,3+3=6,6 mod 10=6,e=6
+              f=c+e,c=3,e=6,3+6=9,9 mod 10=9,f=9
+              g=d+f,d=3,f=9,3+9=12,12 mod 10=2,g=2
+              </think>
+              \\boxed{2}
+
+The problem gives 3-4 constants, a rule in words (PLAN_CUES) and the letter asked, 4-6 steps on.
+The solution opens with its plan, `add n-1`, `add n-2`, `add n-3` or `add a`: each letter is the
+one before it plus itself, the letter two or three before it, or a. Then it works the chain that
+plan names, one slips step line per letter. Why it is built this way:
+1. A short plan decides the answer. The plan line is 6-8 tokens, its newline included, and the
+   token that tells the plans apart is at position 4 to 6, inside any prefix of 8. Every later
+   token follows from the plan and the constants: a solution is plan_solution(problem, plan).
+2. The execution dominates the cost. Each cue is one token of the vocabulary and the definitions
+   are written in the solution, not the problem, so prompts are 20-24 tokens against responses of
+   170-256 (with EOS), and full OPD costs 9.3x a prefix run at L_train = 8 and 7.3x one at 16
+   (flops.opd_flops over 256 test problems' solutions).
+3. A student that works any plan but often picks the wrong one. The base is trained on the
+   student's data: with probability PLAN_SLIP the written plan is another one, drawn uniformly,
+   and it is worked right, so the base learns to work the plan written, whatever the cue says.
+   The teacher is trained further on right plans, the student further on its data. In the
+   committed pair, P(right plan | prompt) is 0.999 for the teacher and 0.29 for the student (each
+   wrong plan ~0.24: the right one stays its most likely); the student works the plan it is
+   given, its own or the teacher's, to the last token in 97% of rollouts.
+4. A wrong plan is graded wrong, unless its chain ends on the same digit: 11% of wrong plans do
+   (measured over the test problems). A fourth plan `add b` was dropped for `add n-1`: chains
+   adding a and adding b end alike 30% of the time (always when a = b).
+Measured with probe.probe on 128 test problems, one sample each at temperature 1: the student
+alone 0.305, after the teacher's first 4 tokens 0.383, after 8, 16 or 64 tokens 0.977, the
+teacher alone 1.000.
+
 Departures from the paper's setting: the paper distils between pretrained Qwen3 models on
 competition maths. Here both models are trained from scratch by `build()` with a character-level
 vocabulary (plus the prompt's fixed pieces), and answers are graded by an exact string match on the
 last \\boxed{} (single digits).
 
-Build (once; ~10 min on a quiet 2-core CPU, from the pace of its first 100 SFT steps there; the
-committed build ran on a machine shared with other jobs and took 28 min, build.json's build_seconds).
-The checkpoints are committed under toy/; a second build followed the committed one's losses step
-for step as far as it was run (650 of 900 steps). On a shared machine, OMP_WAIT_POLICY=PASSIVE
-(OpenMP threads sleep while they wait instead of spinning) made small builds 2-5x faster with the
-same bytes:
-    python toy.py                       # shared machine: OMP_WAIT_POLICY=PASSIVE python toy.py
+Build (once per task). slips: ~10 min on a quiet 2-core CPU, from the pace of its first 100 SFT
+steps there; the committed build ran on a machine shared with other jobs and took 28 min,
+build.json's build_seconds; a second build followed the committed one's losses step for step as far
+as it was run (650 of 900 steps). plan: 900 SFT steps like slips, each ~0.87x as long (shorter
+prompts), so ~11 min on a quiet 2-core CPU; the committed build ran build("toy/plan", "plan") with
+one thread on a machine shared with other jobs and took 27 min (build.json), and a second one the
+same way gave the same bytes in 17 min. The checkpoints are committed under toy/. On a shared
+machine, OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep while they wait instead of spinning) made
+small builds 2-5x faster with the same bytes:
+    python toy.py                       # slips, into toy/ (shared machine: OMP_WAIT_POLICY=PASSIVE ...)
+    python toy.py --task plan           # plan, into toy/plan/
 """
 
 import hashlib
@@ -72,12 +122,17 @@ import torch
 from sample import BOXED_INSTRUCTION, build_prompt, sample_hf
 
 TOY_DIR = Path(__file__).resolve().parent / "toy"
+TASKS = ("slips", "plan")  # 'slips' keeps toy/teacher and toy/student; every other task has toy/TASK/
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-SLIP = 0.2  # probability that a sum in the student's solutions is off by one
+SLIP = 0.2  # slips: probability that a sum in the student's solutions is off by one
+PLAN_SLIP = 0.65  # plan: probability that the plan written in the student's solutions is another one
 MAX_NEW_TOKENS = 320  # room past the longest solution (245 tokens + EOS); a rollout that hits it is truncated
 TEST_EVERY = 8  # one problem in 8 belongs to the test split, chosen by a hash of its text
-BASE_STEPS = 600  # SFT batches of clean solutions from scratch, shared by teacher and student
-BRANCH_STEPS = 150  # further SFT batches: clean for the teacher, with slips for the student
+# SFT batches per task: the base from scratch, shared by teacher and student, then each branch further;
+# slips: the base on clean solutions; plan: on the student's (wrong plans, worked right), so that
+# it learns to work whatever plan is written before the teacher learns to write the right one
+BUILD = {"slips": dict(base_steps=600, branch_steps=150, base_slip=0.0, student_slip=SLIP),
+         "plan": dict(base_steps=600, branch_steps=150, base_slip=PLAN_SLIP, student_slip=PLAN_SLIP)}
 
 # Special tokens of the Qwen3 chat format, plus a pad token.
 PAD, IM_START, IM_END, THINK, END_THINK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
@@ -92,6 +147,13 @@ PROBLEM_HEAD, PROBLEM_ASK = "Work mod 10: ", ". What is "  # the problem's fixed
 # and assistant turns, `<think>\n`, the instruction, and the problem's wording.
 PROMPT_PIECES = (f"{IM_START}user\n", PROBLEM_HEAD, PROBLEM_ASK, f"\n\n{BOXED_INSTRUCTION}",
                  f"{IM_END}\n{IM_START}assistant\n", f"{THINK}\n")
+# plan: the plan that opens a solution (`add n-2`: each letter is the one before it plus the letter
+# two before it) and the rule's wording in the problem, the cue the plan is read from
+PLAN_CUES = {"n-1": ". Each next letter adds the one before it twice",
+             "n-2": ". Each next letter adds the two before it",
+             "n-3": ". Each next letter adds the one before it and the one three before it",
+             "a": ". Each next letter adds the one before it and a"}
+TASK_PIECES = {"slips": PROMPT_PIECES, "plan": PROMPT_PIECES + tuple(PLAN_CUES.values())}
 
 # ----------------------------------------------------------------------------- the task
 
@@ -130,31 +192,74 @@ def _solve(constants, steps, slip: float = 0.0, rng: random.Random | None = None
     return "\n".join(lines) + f"\n{END_THINK}\n\\boxed{{{answer}}}", answer
 
 
+def _plan_draw(rng: random.Random) -> str:
+    """A random plan problem: 3-4 constants, a rule named by its cue, and the letter 4-6 steps on."""
+    n_const, n_steps = rng.randint(3, 4), rng.randint(4, 6)
+    defs = ",".join(f"{LETTERS[i]}={rng.randrange(10)}" for i in range(n_const))
+    rule = rng.choice(list(PLAN_CUES))
+    return f"{PROBLEM_HEAD}{defs}{PLAN_CUES[rule]}{PROBLEM_ASK}{LETTERS[n_const + n_steps - 1]}?"
+
+
+def plan_of(problem: str) -> str:
+    """The right plan of a plan problem: the one whose cue the problem's wording holds."""
+    return next(plan for plan, cue in PLAN_CUES.items() if cue + PROBLEM_ASK in problem)
+
+
+def plan_solution(problem: str, plan: str | None = None) -> tuple[str, str]:
+    """The worked solution of a plan problem under `plan` (default: the right one), and its answer.
+
+    It opens with the plan, `add n-2`, then works the chain the plan names, line by line as slips
+    does: letter i is letter i-1 plus itself (`n-1`), letter i-2 (`n-2`), i-3 (`n-3`) or a (`a`)."""
+    right = plan_of(problem)
+    defs, asked = problem.removeprefix(PROBLEM_HEAD).removesuffix("?").split(PLAN_CUES[right] + PROBLEM_ASK)
+    constants = [(d[0], int(d[2:])) for d in defs.split(",")]
+    plan = plan or right
+    steps = []
+    for i in range(len(constants), LETTERS.index(asked) + 1):
+        other = {"n-1": LETTERS[i - 1], "n-2": LETTERS[i - 2], "n-3": LETTERS[i - 3]}.get(plan, plan)
+        steps.append((LETTERS[i], other, LETTERS[i - 1]))
+    solution, answer = _solve(constants, steps)
+    return f"add {plan}\n{solution}", answer
+
+
 def split_of(problem: str) -> str:
     """'test' for one problem in TEST_EVERY, by a hash of its text; else 'train'. Splits never overlap."""
     digest = hashlib.sha256(problem.encode()).digest()
     return "test" if int.from_bytes(digest[:4], "little") % TEST_EVERY == 0 else "train"
 
 
-def make_problems(n: int, seed: int = 0, split: str = "test", slip: float = 0.0) -> list[dict]:
-    """n distinct problems of `split`, deterministic in (n, seed, split).
+def make_problems(n: int, seed: int = 0, split: str = "test", slip: float = 0.0, task: str = "slips") -> list[dict]:
+    """n distinct problems of `task` and `split`, deterministic in (n, seed, split, task).
 
-    Each is {id, problem, answer, solution}; with slip > 0 the solution (and its boxed answer) may
-    contain slips, and `answer` is then still the correct one."""
+    Each is {id, problem, answer, solution}. With slip > 0 the solution (and its boxed answer) may be
+    wrong, and `answer` is still the correct one: slips, each sum off by one with probability slip;
+    plan, with probability slip the plan is one of the others, drawn uniformly, and worked correctly."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rng = random.Random(f"toy/{split}/{seed}")
-    slip_rng = random.Random(f"toy/{split}/{seed}/slips")  # its own stream: slips never change the problems
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    tag = "toy" if task == "slips" else f"toy-{task}"
+    rng = random.Random(f"{tag}/{split}/{seed}")
+    slip_rng = random.Random(f"{tag}/{split}/{seed}/slips")  # its own stream: slips never change the problems
     problems, seen = [], set()
     while len(problems) < n:
-        constants, steps = _chain(rng)
-        problem = _problem_text(constants, steps)
+        if task == "slips":
+            constants, steps = _chain(rng)
+            problem = _problem_text(constants, steps)
+        else:
+            problem = _plan_draw(rng)
         if split_of(problem) != split or problem in seen:
             continue
         seen.add(problem)
-        solution, answer = _solve(constants, steps)
-        if slip > 0:
-            solution, _ = _solve(constants, steps, slip, slip_rng)
+        if task == "slips":
+            solution, answer = _solve(constants, steps)
+            if slip > 0:
+                solution, _ = _solve(constants, steps, slip, slip_rng)
+        else:
+            solution, answer = plan_solution(problem)
+            if slip > 0 and slip_rng.random() < slip:
+                other = slip_rng.choice([q for q in PLAN_CUES if q != plan_of(problem)])
+                solution, _ = plan_solution(problem, other)
         problems.append({"id": f"{split}-{seed}-{len(problems)}", "problem": problem, "answer": answer,
                          "solution": solution})
     return problems
@@ -183,9 +288,9 @@ def is_correct(completion: str, answer: str) -> bool:
 # ----------------------------------------------------------------------------- tokenizer and models
 
 
-def make_tokenizer():
+def make_tokenizer(task: str = "slips"):
     """Character-level PreTrainedTokenizerFast with the Qwen3 chat tokens, a ChatML template, and one
-    token for each of PROMPT_PIECES (matched longest first, so `<|im_end|>\\n<|im_start|>assistant\\n`
+    token for each of the task's TASK_PIECES (matched longest first, so `<|im_end|>\\n<|im_start|>assistant\\n`
     wins over `<|im_end|>` inside a prompt; a completion still ends in the bare `<|im_end|>`, EOS)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from tokenizers import AddedToken
@@ -199,7 +304,7 @@ def make_tokenizer():
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PROMPT_PIECES])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TASK_PIECES[task]])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
                                    chat_template=CHAT_TEMPLATE, model_max_length=1024)
 
@@ -284,30 +389,45 @@ def save(model, tokenizer, path: Path):
     tokenizer.save_pretrained(path)
 
 
-def build(out_dir: Path = TOY_DIR, seed: int = 0, base_steps: int = BASE_STEPS, branch_steps: int = BRANCH_STEPS,
-          batch_size: int = 32, n_eval: int = 200) -> tuple[Path, Path]:
-    """SFT from scratch on clean solutions (the base), then two branches: more clean SFT (teacher),
-    SFT on solutions with slips (student). Same shape, same tokenizer; prints their accuracies."""
+def task_dir(task: str = "slips") -> Path:
+    """Where a task's checkpoints live: toy/ for slips (as committed before tasks had names), else toy/TASK."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return TOY_DIR if task == "slips" else TOY_DIR / task
+
+
+def build(out_dir: Path | None = None, task: str = "slips", seed: int = 0, base_steps: int | None = None,
+          branch_steps: int | None = None, batch_size: int = 32, n_eval: int = 200) -> tuple[Path, Path]:
+    """SFT from scratch (the base), then two branches on the same problems: clean solutions (teacher)
+    and the student's, with slips or wrong plans (BUILD). Same shape, same tokenizer; prints accuracies."""
+    settings = BUILD[task]
+    base_steps = settings["base_steps"] if base_steps is None else base_steps
+    branch_steps = settings["branch_steps"] if branch_steps is None else branch_steps
     torch.manual_seed(seed)
-    out_dir, t0 = Path(out_dir), time.time()
-    tokenizer = make_tokenizer()
+    out_dir, t0 = Path(out_dir or task_dir(task)), time.time()
+    tokenizer = make_tokenizer(task)
     model = make_model(tokenizer, seed=seed)
-    print(f"toy model: {sum(p.numel() for p in model.parameters()):,} parameters")
-    print(f"base: {base_steps} steps of {batch_size} clean solutions, from scratch")
-    sft(model, tokenizer, make_problems(base_steps * batch_size, seed, "train"), batch_size=batch_size, lr=2e-3)
+    print(f"toy model ({task}): {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"base: {base_steps} steps of {batch_size} solutions with slip probability {settings['base_slip']}, "
+          f"from scratch")
+    sft(model, tokenizer, make_problems(base_steps * batch_size, seed, "train", slip=settings["base_slip"], task=task),
+        batch_size=batch_size, lr=2e-3)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for name, slip in (("teacher", 0.0), ("student", SLIP)):
+    for name, slip in (("teacher", 0.0), ("student", settings["student_slip"])):
         print(f"{name}: the base + {branch_steps} steps of {batch_size} solutions with slip probability {slip}")
         model.load_state_dict(base_state)
-        problems = make_problems(branch_steps * batch_size, seed + 1, "train", slip=slip)  # same problems
+        problems = make_problems(branch_steps * batch_size, seed + 1, "train", slip=slip, task=task)  # same problems
         sft(model, tokenizer, problems, batch_size=batch_size, lr=1e-3)
         save(model, tokenizer, out_dir / name)
     build_seconds = time.time() - t0
 
     from transformers import AutoModelForCausalLM
 
-    test = make_problems(n_eval, seed, "test")
+    test = make_problems(n_eval, seed, "test", task=task)
     info = {"seed": seed, "build_seconds": round(build_seconds), "n_eval": n_eval, "temperature": 1.0}
+    if task != "slips":  # slips' build.json keeps the keys it was committed with
+        info = {"task": task, **settings, "base_steps": base_steps, "branch_steps": branch_steps,
+                "batch_size": batch_size, **info}
     for name in ("teacher", "student"):
         loaded = AutoModelForCausalLM.from_pretrained(out_dir / name).eval()
         info[f"{name}_acc"] = accuracy(loaded, tokenizer, test, seed=seed)
@@ -317,15 +437,21 @@ def build(out_dir: Path = TOY_DIR, seed: int = 0, base_steps: int = BASE_STEPS, 
     return out_dir / "teacher", out_dir / "student"
 
 
-def ensure_built(out_dir: Path = TOY_DIR) -> tuple[Path, Path]:
-    """(teacher_path, student_path), building them first if they are missing."""
-    out_dir = Path(out_dir)
+def ensure_built(out_dir: Path | None = None, task: str = "slips") -> tuple[Path, Path]:
+    """(teacher_path, student_path) of `task`, building them first if they are missing."""
+    out_dir = Path(out_dir or task_dir(task))
     teacher, student = out_dir / "teacher", out_dir / "student"
     if not ((teacher / "model.safetensors").exists() and (student / "model.safetensors").exists()):
-        build(out_dir)
+        build(out_dir, task)
     return teacher, student
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the toy teacher and student checkpoints of one task.")
+    parser.add_argument("--task", choices=TASKS, default="slips", help="which toy task (default: slips, into toy/)")
+    parser.add_argument("--out", type=Path, help="output directory (default: toy/ for slips, toy/TASK for others)")
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    build()
+    build(args.out, args.task)

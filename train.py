@@ -58,14 +58,17 @@ PAPER = dict(dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_ste
              prompts_per_step=512, samples_per_prompt=4, lr=5e-5, steps=60, micro_batch_tokens=4096,
              eval_problems=0, kl_bin=256, activation_checkpointing=True, vllm_sleep=False)
 PRESETS = {
-    "toy": dict(student="toy/student", teacher="toy/teacher", dataset="toy", prefix=64, prefix_step=32,
-                max_new_tokens=320, prompts_per_step=16, samples_per_prompt=4, lr=3e-4, steps=16,
-                micro_batch_tokens=16384, eval_problems=256, kl_bin=32, activation_checkpointing=False,
-                vllm_sleep=False),
+    "toy-slips": dict(student="toy/student", teacher="toy/teacher", dataset="toy-slips", prefix=64, prefix_step=32,
+                      max_new_tokens=320, prompts_per_step=16, samples_per_prompt=4, lr=3e-4, steps=16,
+                      micro_batch_tokens=16384, eval_problems=256, kl_bin=32, activation_checkpointing=False,
+                      vllm_sleep=False),
     "qwen3-1.7b": PAPER | dict(student="Qwen/Qwen3-1.7B-Base", teacher="Qwen/Qwen3-8B"),
     "qwen3-8b": PAPER | dict(student="Qwen/Qwen3-8B-Base", teacher="Qwen/Qwen3-8B", micro_batch_tokens=16384,
                              vllm_sleep=True),
 }
+PRESETS["toy-plan"] = PRESETS["toy-slips"] | dict(student="toy/plan/student", teacher="toy/plan/teacher",
+                                                  dataset="toy-plan", prefix=16, prefix_step=0)
+PRESETS["toy"] = PRESETS["toy-slips"] | dict(dataset="toy")  # the toy task of toy.py's first build
 # Fixed settings: the paper's (top-p, gamma), or safe values nobody has needed to tune.
 TOP_P = 1.0  # sampling nucleus (paper: 1.0); top-p < 1 cannot be scored (score.check_sampling_is_scorable)
 GAMMA = 0.0  # discount over future per-token advantages (paper: 0; loss.opd_loss has the general case)
@@ -196,9 +199,9 @@ for key, value in from_preset.items():
 why = "" if custom or "preset" in given else f" ({'CUDA is available' if torch.cuda.is_available() else 'no GPU found'})"
 print0(f"preset: {'none, custom models: the paper' if custom else args.preset}{why}; from it: "
        + ", ".join(f"{k} {v}" for k, v in from_preset.items()))
-if args.dataset == "toy" and args.student == "toy/student":
+if args.dataset in data.TOY_TASKS and {"student", "teacher"} <= from_preset.keys():  # built on first use
     import toy
-    args.teacher, args.student = map(str, toy.ensure_built())
+    args.teacher, args.student = map(str, toy.ensure_built(task=data.TOY_TASKS[args.dataset]))
 args.out = Path(args.out or f"runs/{args.preset}")
 L_0 = check_args(args, world_size)
 L_longest = prefix_length(args.steps - 1, L_0, args.prefix_step, args.max_new_tokens)  # the run's longest L_train
@@ -212,13 +215,10 @@ rollouts_per_step = args.prompts_per_step * args.samples_per_prompt
 on_policy_share = args.lmbda if args.lmbda is not None else float(args.rollouts_from == "student")
 
 
-def plan_kwargs(gpus: int, prompt_tokens: int, on_gpu: bool) -> dict:
-    """memory.plan's arguments for this run."""
-    return dict(student=args.student, teacher=args.teacher, world_size=gpus, fsdp=args.fsdp, sampler=args.sampler,
-                loss=args.loss, beta=args.beta, rollouts_from="student" if args.lmbda else args.rollouts_from,
-                micro_batch_tokens=args.micro_batch_tokens, activation_checkpointing=args.activation_checkpointing,
-                vllm_kv_cache_gb=args.vllm_kv_cache_gb, vllm_sleep=args.vllm_sleep, prompt_tokens=prompt_tokens,
-                L_longest=L_longest, gpu_memory_gb=args.gpu_memory_gb, on_gpu=on_gpu)
+plan = dict(student=args.student, teacher=args.teacher, fsdp=args.fsdp, sampler=args.sampler, loss=args.loss,  # memory.plan
+            beta=args.beta, rollouts_from="student" if args.lmbda else args.rollouts_from, L_longest=L_longest,
+            micro_batch_tokens=args.micro_batch_tokens, activation_checkpointing=args.activation_checkpointing,
+            vllm_kv_cache_gb=args.vllm_kv_cache_gb, vllm_sleep=args.vllm_sleep, gpu_memory_gb=args.gpu_memory_gb)
 
 
 def step_flops_at(student_config, teacher_config, prompt_tokens: int, L_train: int) -> int:
@@ -227,10 +227,11 @@ def step_flops_at(student_config, teacher_config, prompt_tokens: int, L_train: i
 
 
 if args.dry_run is not None:  # the plan of a GPU run of these flags, from the model shapes alone (memory.py)
-    gpus = args.dry_run or (world_size if ddp else 1 if args.preset == "toy" else 8)
+    gpus = args.dry_run or (world_size if ddp else 1 if args.preset.startswith("toy") else 8)
     per_step = [step_flops_at(args.student, args.teacher, DRY_RUN_PROMPT_TOKENS,
                               prefix_length(k, L_0, args.prefix_step, args.max_new_tokens)) for k in range(args.steps)]
-    fits = memory.dry_run(plan_kwargs(gpus, DRY_RUN_PROMPT_TOKENS, on_gpu=True), per_step, f"{L_0} + {args.prefix_step}/step")
+    fits = memory.dry_run(plan | dict(world_size=gpus, prompt_tokens=DRY_RUN_PROMPT_TOKENS, on_gpu=True), per_step,
+                          f"{L_0} + {args.prefix_step}/step")
     raise SystemExit(0 if fits else 1)
 run_flags = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE}
 resume_from = checkpoint.open_run_dir(args.out, run_flags, resume=args.resume, overwrite=args.overwrite)
@@ -243,12 +244,11 @@ if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
 
 # ----------------------------------------------------------------------------- models
 try:
-    tokenizer, student, teacher = models.load_pair(args.student, args.teacher, device, keep_student_on_cpu=args.fsdp)
+    tokenizer, student, teacher = models.load_pair(args.student, args.teacher, device, keep_student_on_cpu=args.fsdp,
+                                                   activation_checkpointing=args.activation_checkpointing or args.fsdp)
 except ValueError as e:
     raise SystemExit(f"error: {e}")
 half = torch.bfloat16 if device.type == "cuda" else torch.float32
-if args.activation_checkpointing or args.fsdp:  # each decoder layer keeps only its input and recomputes in backward
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model = LogProbs(student)  # the module DDP/FSDP2 wraps; `student` stays the unwrapped HF model
 if args.fsdp:  # FSDP2: each decoder layer a shard unit, the root holds embeddings, norm and lm_head
     model = parallel.fsdp2(model, student.get_decoder().layers, device, world_size)
@@ -290,7 +290,7 @@ print0(f"per step: {args.prompts_per_step} prompts x {args.samples_per_prompt} =
        f"(schedule: {L_0} + {args.prefix_step}/step, cap {args.max_new_tokens}); "
        f"<= {step_flops_at(student.config, teacher.config, round(mean_prompt), L_now):.3g} FLOP at that L (App. B)")
 # The memory plan at this data's longest prompt (memory.py): on a GPU, stop now, not at an OOM an hour in.
-plan = plan_kwargs(world_size, max(map(len, prompts)), on_gpu=device.type == "cuda")
+plan |= dict(world_size=world_size, prompt_tokens=max(map(len, prompts)), on_gpu=device.type == "cuda")
 memory_plan = memory.plan(**plan)
 if device.type == "cuda":
     print0(f"memory plan: peak {memory_plan.peak_gb:.1f} of {args.gpu_memory_gb:.0f} GB per GPU (table: --dry-run)")
@@ -366,11 +366,12 @@ log = MetricsLog(args.out, args.logger, vars(args)) if is_main else None  # also
 # "before" numbers, so a resumed run still prints the before/after table.
 eval_student = sampler.model if args.fsdp and not vllm_samples else None if args.fsdp else student
 toy_eval = None
-if eval_student is None and args.dataset == "toy" and args.eval_problems:
+if eval_student is None and args.dataset in data.TOY_TASKS and args.eval_problems:
     print0("toy evaluation skipped: under --fsdp with vLLM sampling there is no unsharded student to evaluate")
-elif args.dataset == "toy" and args.eval_problems:  # a resumed run evaluates only if it has the "before" numbers
+elif args.dataset in data.TOY_TASKS and args.eval_problems:  # a resumed run evaluates only if it has the "before" numbers
     import eval as evaluation
-    toy_eval = evaluation.ToyEval(args.eval_problems, args.seed, tokenizer, meta.get("toy_acc_before", {}))
+    toy_eval = evaluation.ToyEval(args.eval_problems, args.seed, tokenizer, meta.get("toy_acc_before", {}),
+                                  task=data.TOY_TASKS[args.dataset])
     toy_eval = None if resume_from is not None and not toy_eval.acc else toy_eval
     if is_main and toy_eval and not toy_eval.acc and args.eval_before:
         toy_eval.run({"teacher": teacher, "student_before": eval_student})
@@ -499,8 +500,4 @@ if is_main:
     plots.training_plots(log.path, args.out)
     print0(f"done: {args.steps} steps, {total_flops:.3e} FLOP, {wall_seconds:.0f}s; see {args.out}")
     log.close()
-if ddp:
-    torch.distributed.barrier()
-if vllm_samples:
-    sampler.close()  # first: under torchrun its teardown also destroys the process group (VLLMSampler.close)
-parallel.finish(ddp)
+parallel.finish(ddp, close_first=sampler.close if vllm_samples else None)  # vLLM's teardown: VLLMSampler.close
