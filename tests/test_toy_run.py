@@ -57,3 +57,28 @@ def test_a_resumed_toy_run_reports_the_same_table_as_a_straight_one(tmp_path):
     assert "| student before |" in output and "| student after |" in output
     for key in ("teacher_acc", "student_acc_before", "student_acc_after", "eval_problems"):
         assert resumed[key] == straight[key], key
+
+
+def test_the_plan_task_through_train_probe_and_eval_at_tiny_size(tmp_path):
+    """--preset toy-plan, --benchmark toy-plan: the plan task's checkpoints are the default models of all
+    three scripts, and a teacher prefix that holds the plan lifts the student (toy/plan, probe.py)."""
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+    def script(*cmd):
+        done = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    script(ROOT / "train.py", "--preset", "toy-plan", "--steps", "1", "--prompts-per-step", "4",
+           "--eval-problems", "16", "--out", tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["preset"] == "toy-plan" and summary["eval_problems"] == 16
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["student"].endswith("toy/plan/student")
+    script(ROOT / "probe.py", "--benchmark", "toy-plan", "--limit", "32", "--k", "1", "--prefixes", "0,16",
+           "--out", tmp_path / "probe")
+    rows = {r["L"]: r["acc"] for r in json.loads((tmp_path / "probe" / "probe.json").read_text())["prefixes"]}
+    assert rows[16] >= rows[0] + 0.3  # the plan sits in the first 8 tokens (toy.py)
+    script(ROOT / "eval.py", "--model", TOY / "plan" / "student", "--benchmarks", "toy-plan", "--toy-n", "16",
+           "--out", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["toy-plan"]["n"] == 16
