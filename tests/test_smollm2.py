@@ -131,3 +131,39 @@ def test_the_pruned_student_is_worse_than_the_teacher_on_a_reference_solution(to
     with torch.no_grad():
         teacher, student = (token_logprobs(m, ids)[0, len(prompt) - 1:].mean().item() for m in models)
     assert teacher > student
+
+
+def test_one_train_step_checkpoints_a_student_that_eval_and_probe_read(pair, tmp_path):
+    """train.py on the real pair (GSM8K questions from shared/data), then eval.py on its checkpoint and
+    probe.py on the pair, all at tiny size: the scripts take a real BPE tokenizer and chat template."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data_dir = ROOT.parent / "shared" / "data"
+    if not (data_dir / "gsm8k_test.jsonl").exists():
+        pytest.skip(f"no GSM8K questions at {data_dir} (the shared data directory)")
+    teacher, student = pair
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def script(*cmd):
+        done = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    script(ROOT / "train.py", "--student", student, "--teacher", teacher, "--dataset", data_dir / "gsm8k_test.jsonl",
+           "--num-questions", 8, "--prefix", 8, "--prefix-step", 0, "--max-new-tokens", 8, "--prompts-per-step", 2,
+           "--samples-per-prompt", 2, "--lr", 1e-4, "--steps", 1, "--micro-batch-tokens", 4096, "--kl-bin", 8,
+           "--no-activation-checkpointing", "--out", tmp_path / "run")
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["rollouts"] == 4 and row["reverse_kl"] > 0 and row["response_tokens"] > 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000001"
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(checkpoint).num_hidden_layers == 30 - len(smollm2.DROP_LAYERS)
+    script(ROOT / "eval.py", "--model", checkpoint, "--benchmarks", "gsm8k", "--data-dir", data_dir, "--limit", 2,
+           "--k", 1, "--max-new-tokens", 16, "--out", tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["gsm8k"]["n"] == 2
+    script(ROOT / "probe.py", "--benchmark", "gsm8k", "--student", student, "--teacher", teacher, "--data-dir",
+           data_dir, "--limit", 2, "--k", 1, "--prefixes", "0,4", "--max-new-tokens", 16, "--out", tmp_path / "probe")
+    assert (tmp_path / "probe" / "probe.json").exists()
