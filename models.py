@@ -22,7 +22,7 @@ import torch
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # `name` or `org/name`, as the hub spells model ids
 
 
-BUILT_HERE = {"toy": "slips", "toy-slips": "slips", "toy-plan": "plan", "smollm2": None}  # presets: toy.py, smollm2.py
+BUILT_HERE = {"toy", "toy-slips", "toy-plan", "smollm2"}  # presets whose models toy.py or smollm2.py build
 
 
 def built_pair(preset: str) -> tuple[str, str]:
@@ -36,7 +36,8 @@ def built_pair(preset: str) -> tuple[str, str]:
         except (smollm2.WheelMissing, FileExistsError) as e:
             raise ValueError(str(e)) from None
     import toy
-    return tuple(map(str, toy.ensure_built(task=BUILT_HERE[preset])))
+    from data import TOY_TASKS  # a toy preset is named as its dataset
+    return tuple(map(str, toy.ensure_built(task=TOY_TASKS[preset])))
 
 
 def check_model_path(name: str, flag: str = "--model") -> str:

@@ -331,15 +331,15 @@ def sample_rollouts(step: int, L_train: int):
 
 
 def micro_batches(rollouts) -> tuple[list[dict], list[int], torch.Tensor]:
-    """This rank's micro-batches under the token budget, packed by length (rows of similar length pad
-    little; the loss is a sum over sequences, so the order changes the gradient only by rounding), as
-    many on every rank (parallel.same_count); and (padded slots, all slots) of its own micro-batches."""
-    window = tuple(args.window) if args.window else None
+    """This rank's micro-batches under the token budget, packed by length (a sum over sequences: the order changes
+    the gradient only by rounding), as many on every rank (parallel.same_count); and its (padded, all) slots."""
     by_length = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids)) if PACK_BY_LENGTH else rollouts
-    batches = [make_micro_batch(group, tokenizer.pad_token_id, device, window, args.last_n)
-               for group in group_by_budget(by_length, args.micro_batch_tokens)]
-    slots = torch.tensor([sum(b["attn"].numel() - b["attn"].sum().item() for b in batches),
-                          sum(b["attn"].numel() for b in batches)], device=device, dtype=torch.float64)
+    groups = list(group_by_budget(by_length, args.micro_batch_tokens))
+    window = tuple(args.window) if args.window else None
+    batches = [make_micro_batch(g, tokenizer.pad_token_id, device, window, args.last_n) for g in groups]
+    lengths = [[len(r.prompt_ids) + len(r.completion_ids) for r in g] for g in groups]  # no device sync per batch
+    slots = torch.tensor([sum(len(n) * max(n) - sum(n) for n in lengths), sum(len(n) * max(n) for n in lengths)],
+                         device=device, dtype=torch.float64)
     return *parallel.same_count(batches, device), slots
 
 
