@@ -17,6 +17,7 @@ Checkpoint selection (App. E): every checkpoint saved during training is evaluat
 and only the best one on the test benchmarks:
 
     python eval.py --select runs/NAME --dev aime24 --test math500,aime25,gpqa,mmlu_pro,gsm8k
+    python eval.py --select runs/toy-plan --dev toy-plan-dev --test toy-plan     # the toy's own dev set
 
 Results are kept per checkpoint (RUN_DIR/eval/dev/step_XXXXXX) and reused by a later --select only
 while the checkpoint's path and a fingerprint of its files (checkpoint_fingerprint) are unchanged:
@@ -68,11 +69,15 @@ from toy import extract_boxed  # the one \boxed{} reader: the toy task grades th
 TEMPERATURE, TOP_P = 1.0, 1.0  # App. E
 MAX_NEW_TOKENS = 16384  # App. E; the toy benchmark uses toy.MAX_NEW_TOKENS
 # samples per problem: App. E for the paper's benchmarks; toy: what train.py reports (one per problem)
-K_DEFAULT = {"math500": 4, "aime24": 16, "aime25": 16, "gpqa": 4, "mmlu_pro": 4, "gsm8k": 4, "toy": 1, "toy-slips": 1,
-             "toy-plan": 1}
+# The toy's dev sets (App. E's role of AIME24, for --select): TOY_DEV_N test-split problems drawn right after the
+# --toy-n test problems from the same stream, so never one of them.
+TOY_DEV = {f"{name}-dev": task for name, task in TOY_TASKS.items()}
+TOY_DEV_N = 32  # small: every checkpoint of every run of a sweep is graded on it
+K_DEFAULT = {"math500": 4, "aime24": 16, "aime25": 16, "gpqa": 4, "mmlu_pro": 4, "gsm8k": 4} | \
+    {name: 1 for name in [*TOY_TASKS, *TOY_DEV]}
 TITLES = {"math500": "MATH500", "aime24": "AIME24", "aime25": "AIME25", "gpqa": "GPQA-D",
-          "mmlu_pro": "MMLU-Pro", "gsm8k": "GSM8K", "toy": "Toy",
-          "toy-slips": "Toy (slips)", "toy-plan": "Toy (plan)"}
+          "mmlu_pro": "MMLU-Pro", "gsm8k": "GSM8K", "toy": "Toy", "toy-slips": "Toy (slips)", "toy-plan": "Toy (plan)"}
+TITLES |= {f"{name}-dev": f"{TITLES[name]} dev" for name in TOY_TASKS}
 PAPER_BENCHMARKS = ["math500", "aime24", "aime25", "gpqa", "mmlu_pro", "gsm8k"]
 MAX_ANSWER_CHARS = 1000  # the longest MATH500 gold answer has 53 characters
 GRADE_TIMEOUT_S = 3  # per math-verify parse or comparison (whole seconds: it uses signal.alarm)
@@ -166,6 +171,9 @@ def load_benchmark(name: str, data_dir=None, limit=None, toy_n=TOY_N, toy_seed=T
     if name in TOY_TASKS:
         import toy
         problems = toy.make_problems(toy_n, toy_seed, split="test", task=TOY_TASKS[name])
+    elif name in TOY_DEV:
+        import toy
+        problems = toy.make_problems(toy_n + TOY_DEV_N, toy_seed, split="test", task=TOY_DEV[name])[toy_n:]
     elif data_dir is not None:
         problems = load_benchmark_local(name, Path(data_dir))
     else:
@@ -440,7 +448,7 @@ def evaluate_checkpoint(model_path, benchmarks: list[str], args, out_dir: Path, 
 def max_new_tokens_for(bench: str, args) -> int:
     if args.max_new_tokens is not None:
         return args.max_new_tokens
-    if bench in TOY_TASKS:
+    if bench in TOY_TASKS or bench in TOY_DEV:
         import toy
         return toy.MAX_NEW_TOKENS
     return MAX_NEW_TOKENS
@@ -453,9 +461,13 @@ def checkpoints_of(run_dir: Path) -> list[Path]:
 
 
 def select(args) -> None:
-    """App. E: every checkpoint on the dev set; the best (ties: the earlier) on the test benchmarks."""
-    run_dir = Path(args.select)
-    out_dir = Path(args.out) if args.out else run_dir / "eval"
+    """App. E for each run directory: every checkpoint on the dev set; the best (ties: the earlier) on the test
+    benchmarks. Several runs in one call share the start-up (imports, benchmark loading)."""
+    for run_dir in map(Path, args.select):
+        select_run(run_dir, Path(args.out) if args.out else run_dir / "eval", args)
+
+
+def select_run(run_dir: Path, out_dir: Path, args) -> None:
     checkpoints = checkpoints_of(run_dir)
     if not checkpoints:
         raise SystemExit(f"error: no checkpoints under {run_dir / 'checkpoints'}")
@@ -481,7 +493,7 @@ def check_data_dir(data_dir, benchmarks: list[str]) -> None:
     if not Path(data_dir).is_dir():
         raise ValueError(f"--data-dir {data_dir}: no such directory")
     for bench in benchmarks:
-        if bench not in TOY_TASKS:
+        if bench not in TOY_TASKS and bench not in TOY_DEV:
             try:
                 load_benchmark(bench, data_dir, limit=1)
             except FileNotFoundError as e:
@@ -501,7 +513,7 @@ def parse_args(argv=None):
     g.add_argument("--vllm-kv-cache-gb", type=float,
                    help="vLLM KV cache in GiB (needed on CPU; default: 90%% of GPU memory)")
     g = p.add_argument_group("checkpoint selection (App. E)")
-    g.add_argument("--select", metavar="RUN_DIR", help="evaluate every RUN_DIR/checkpoints/step_* on --dev")
+    g.add_argument("--select", metavar="RUN_DIR", nargs="+", help="evaluate every RUN_DIR/checkpoints/step_* on --dev")
     g.add_argument("--dev", default="aime24", help="dev benchmark for --select")
     g.add_argument("--test", type=benchmark_list, default=[], help="comma-separated benchmarks for the best checkpoint")
     g = p.add_argument_group("data")
@@ -509,7 +521,8 @@ def parse_args(argv=None):
                    help=f"comma-separated, from {','.join(K_DEFAULT)} (with --model)")
     g.add_argument("--data-dir", help="read BENCH.jsonl (id, problem, answer[, choices]) here instead of the hub")
     g.add_argument("--limit", type=int, help="only the first N problems of each benchmark (smoke tests)")
-    g.add_argument("--toy-n", type=int, default=TOY_N, help="problems in the toy test set")
+    g.add_argument("--toy-n", type=int, default=TOY_N, help="problems in the toy test set (its dev set: the "
+                   f"{TOY_DEV_N} drawn after them)")
     g.add_argument("--toy-seed", type=int, default=TOY_SEED, help="seed of the toy test set")
     g = p.add_argument_group("sampling")
     g.add_argument("--k", type=int, help="samples per problem (default: 16 for AIME, 4 for the other paper "
@@ -528,6 +541,8 @@ def parse_args(argv=None):
         p.error("give exactly one of --model and --select")
     if args.model is not None and args.out is None:
         p.error("--model needs --out")
+    if args.select and len(args.select) > 1 and args.out:
+        p.error("--out takes one --select RUN_DIR (several write to RUN_DIR/eval each)")
     for b in args.benchmarks + args.test + [args.dev]:
         if b not in K_DEFAULT:
             p.error(f"unknown benchmark {b!r}; choose from {','.join(K_DEFAULT)}")

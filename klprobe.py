@@ -80,11 +80,14 @@ def kl_by_position(sampler, teacher, prompts: list[list[int]], max_new_tokens: i
 
 class ProbeSet:
     """train.py's probe: a fixed set of n prompts (a seeded draw), each rank sampling its share of them
-    with seeds of their own (negative prompt indices, never a training rollout's). Evaluation: its FLOP
-    stay out of a run's total_flops."""
+    with seeds of their own (negative prompt indices, never a training rollout's). Held out where the data
+    allow: prompts in `trained` (those the run's steps draw) are taken only when too few others are left.
+    Evaluation: its FLOP stay out of a run's total_flops."""
 
-    def __init__(self, prompts, n: int, seed: int, rank: int, world_size: int, max_new_tokens: int, batch_size: int):
-        chosen = np.random.default_rng([seed, 1]).permutation(len(prompts))[:n].tolist()
+    def __init__(self, prompts, n: int, seed: int, rank: int, world_size: int, max_new_tokens: int, batch_size: int,
+                 trained: set[int] = frozenset()):
+        order = np.random.default_rng([seed, 1]).permutation(len(prompts)).tolist()
+        chosen = ([i for i in order if i not in trained] + [i for i in order if i in trained])[:n]
         self.mine = chosen[rank::world_size]
         self.prompts = [prompts[i] for i in self.mine]
         self.seed, self.max_new_tokens, self.batch_size = seed, max_new_tokens, batch_size

@@ -28,11 +28,9 @@ import contextlib
 import functools
 import json
 import os
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -59,7 +57,7 @@ PAPER = dict(dataset="open-thoughts/OpenThoughts3-1.2M", prefix=1024, prefix_ste
              eval_problems=0, kl_bin=256, activation_checkpointing=True, vllm_sleep=False)
 CPU = dict(activation_checkpointing=False, vllm_sleep=False, micro_batch_tokens=16384, samples_per_prompt=4)
 TOY = CPU | dict(student="toy/student", teacher="toy/teacher", dataset="toy", prefix=64, prefix_step=32,
-                 max_new_tokens=320, prompts_per_step=16, lr=3e-4, steps=16, eval_problems=256, kl_bin=32)
+                 max_new_tokens=320, prompts_per_step=16, lr=1e-4, steps=16, eval_problems=256, kl_bin=32)
 PRESETS = {  # models built here (models.built_pair): the toy tasks (toy.py) and SmolLM2 (smollm2.py)
     "toy": TOY, "toy-slips": TOY | dict(dataset="toy-slips"),
     "toy-plan": TOY | dict(student="toy/plan/student", teacher="toy/plan/teacher", dataset="toy-plan", prefix=16,
@@ -233,9 +231,7 @@ if args.dry_run is not None:  # the plan of a GPU run of these flags, from the m
     raise SystemExit(0 if fits else 1)
 run_flags = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE}
 resume_from = checkpoint.open_run_dir(args.out, run_flags, resume=args.resume, overwrite=args.overwrite)
-torch.manual_seed(args.seed + rank)
-random.seed(args.seed)
-np.random.seed(args.seed)
+torch.manual_seed(args.seed + rank)  # data order and rollouts draw from generators of their own (data.py, sample.py)
 if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the cores
 
@@ -350,8 +346,9 @@ def step_flops(rollouts, on_policy: int) -> float:
     return float(all_sum(torch.tensor(float(mine), dtype=torch.float64, device=device)))
 
 
-# The KL probe (klprobe.py): a fixed set of prompts sampled in full, after step 1 and every --kl-probe-every
-kl_probe = klprobe.ProbeSet(prompts, KL_PROBE_PROMPTS, args.seed, rank, world_size, args.max_new_tokens,
+# The KL probe (klprobe.py): fixed prompts no step trains on (where enough are left), sampled in full
+trained = {i for k in range(args.steps) for i in data.step_prompts(len(prompts), args.prompts_per_step, args.seed, k)}
+kl_probe = klprobe.ProbeSet(prompts, KL_PROBE_PROMPTS, args.seed, rank, world_size, args.max_new_tokens, trained=trained,
                             batch_size=max(1, args.micro_batch_tokens // (max(map(len, prompts)) + args.max_new_tokens)))
 
 
@@ -458,6 +455,7 @@ for step in bar:
                 "tokens_per_second": metrics["response_tokens"] / t_step, "time_sample": t_sample,
                 "time_score": t_score, "time_update": t_update, "time_step": t_step, "push_logp_max_diff": push_diff,
                 "reverse_kl_by_position_full": probe.bins(args.kl_bin)[0] if probe else None,
+                "reverse_kl_full": probe.mean(0, args.max_new_tokens) if probe else None,
                 "wall_seconds": wall_before + time.time() - t_start}
     if adaptive:  # after the step at L_train: grow for the next one?
         inside, beyond = (probe.mean(0, L_train), probe.mean(*adaptive.beyond())) if probe else (None, None)
@@ -485,8 +483,8 @@ bar.close()
 # ----------------------------------------------------------------------------- the end: evaluation, plots
 wall_seconds = wall_before + time.time() - t_start
 if is_main:
-    summary = {"preset": args.preset, "steps": args.steps, "total_flops": total_flops,
-               "wall_seconds": wall_seconds, "world_size": world_size}
+    summary = {"preset": args.preset, "steps": args.steps, "total_flops": total_flops, "wall_seconds": wall_seconds,
+               "world_size": world_size}
     if toy_eval:
         toy_eval.run({"student_after": eval_student})
         summary |= toy_eval.summary()
