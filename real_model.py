@@ -47,7 +47,7 @@ from reproduce import kl_beyond, mean_sd
 ROOT = Path(__file__).resolve().parent
 PREFIX = 16  # L_train of the prefix run and the first of the linear schedule (a plan sentence, not a solution)
 SETTINGS = {  # per mode: seeds, optimizer steps, the response cap, prompts x samples per step, probe period, bin
-    "full": dict(seeds=[0, 1], steps=6, max_new_tokens=128, prompts=4, samples=2, probe_every=2, kl_bin=16,
+    "full": dict(seeds=[0, 1], steps=4, max_new_tokens=96, prompts=4, samples=2, probe_every=4, kl_bin=16,
                  prefix=PREFIX),
     "smoke": dict(seeds=[0], steps=1, max_new_tokens=16, prompts=1, samples=2, probe_every=1, kl_bin=4, prefix=4),
 }
@@ -64,9 +64,9 @@ def run_dir(out: Path, name: str, seed: int) -> Path:
 
 
 def run_all(out: Path, s: dict):
-    """Every run, one at a time (a 135M model uses both cores), skipping finished ones."""
-    for name, flags in experiments(s).items():
-        for seed in s["seeds"]:
+    """Every run, one at a time, skipping finished ones."""
+    for seed in s["seeds"]:  # seed by seed: a stopped sweep leaves whole seeds behind
+        for name, flags in experiments(s).items():
             d = run_dir(out, name, seed)
             if (d / "summary.json").exists():
                 continue

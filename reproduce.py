@@ -14,17 +14,25 @@ What it runs (each a `train.py` run on the toy preset, for every seed; then `pro
     Figure 6                GKD at a short prefix, beta in {0, 1} x lambda in {0, 1}, beside OPD
     App. C                  prefix SeqKD: SFT on the first L_train tokens of the dataset's responses
 
-Then it writes RESULTS.md and its figures under --out from the runs' own metrics.jsonl and
-summary.json: every number on the page is read from a run, none is typed.
+Every Figure 4 run is graded twice on its seed's held-out problems: at its last step, and at the
+checkpoint (every `save_every` steps) that scores best on the task's dev set (App. E's protocol:
+`eval.py --select --dev toy-TASK-dev`, problems never in the test set), at the FLOP spent to reach it.
+Then it writes RESULTS.md and its figures under --out from the runs' own metrics.jsonl, summary.json
+and eval/: every number on the page is read from a run, none is typed. `--task both` runs each task
+under --out/TASK and writes a page that sets them side by side with the reading: does the probe's
+shape predict where a short prefix matches full OPD?
 
-    python reproduce.py --quick --out runs/reproduce_quick     # 1 seed, 8 steps: minutes on 2 cores
-    python reproduce.py --out runs/reproduce                   # 3 seeds, the committed docs/RESULTS.md
+    python reproduce.py --task plan --quick    # 1 seed, 8 steps, every experiment: ~20 min on 2 cores
+    python reproduce.py --task both            # 5 seeds x Figure 4 on both tasks: the committed docs/RESULTS.md
+    cp -r runs/reproduce/{RESULTS.md,accuracy_vs_flop.png} docs/   # and each task's page and figures to docs/TASK/
+    python reproduce.py --task both --ablations   # also Table 3, Figure 6 and App. C at every seed
 
 Resumable: a run whose summary.json exists is skipped, so a stopped sweep continues where it
 stopped (a run stopped half-way starts again from scratch: --overwrite).
 
-Departures from the paper: a toy task, ~1M-parameter models and tens of steps on a CPU (toy.py), one
-sample per held-out problem at temperature 1; the accuracy is over the toy's held-out problems.
+Departures from the paper: a toy task, ~1M-parameter models and a few steps on a CPU (toy.py), one
+sample per held-out problem at temperature 1; the accuracy is over the toy's held-out problems; the
+dev set is small (eval.TOY_DEV_N), so the dev-picked checkpoint is a noisy choice.
 """
 
 import argparse

@@ -436,3 +436,36 @@ def test_checkpoint_fingerprint_reads_contents_not_timestamps(tmp_path):
     (a / "meta.json").write_text('{"step": 20}')
     assert checkpoint_fingerprint(a) != first
     assert checkpoint_fingerprint("Qwen/Qwen3-8B") is None  # a hub id: its name is the key
+
+
+@pytest.mark.parametrize("task", ["toy-slips", "toy-plan"])
+def test_toy_dev_set_follows_the_test_set_and_never_shares_a_problem(task):
+    from eval import TOY_DEV_N, load_benchmark
+    import toy
+    test = load_benchmark(task, toy_n=128, toy_seed=3)
+    dev = load_benchmark(f"{task}-dev", toy_n=128, toy_seed=3)
+    assert len(dev) == TOY_DEV_N and not {p["problem"] for p in dev} & {p["problem"] for p in test}
+    assert dev == toy.make_problems(128 + TOY_DEV_N, 3, split="test", task=task.split("-")[1])[128:]
+    assert all(toy.split_of(p["problem"]) == "test" for p in dev)  # never a training problem either
+
+
+def test_select_over_several_runs_writes_each_runs_choice(tmp_path, seven_checkpoint):
+    tok = tiny_tokenizer()
+    runs = [tmp_path / "runs" / name for name in ("a", "b")]
+    for run, good in zip(runs, ("step_000002", "step_000001")):  # run a improves, run b gets worse
+        for name in ("step_000001", "step_000002"):
+            ckpt = run / "checkpoints" / name
+            if name == good:
+                shutil.copytree(seven_checkpoint, ckpt)
+            else:
+                tiny_qwen3(vocab_size=len(tok)).save_pretrained(ckpt)
+                tok.save_pretrained(ckpt)
+            (ckpt / "meta.json").write_text(json.dumps({"step": int(name[5:]), "total_flops": 1e9, "wall_seconds": 1}))
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "math500.jsonl", PROBLEMS)
+    main(["--select", *map(str, runs), "--dev", "math500", "--data-dir", str(tmp_path / "data"), "--k", "2",
+          "--max-new-tokens", "12"])
+    assert [json.loads((r / "eval" / "select.json").read_text())["best"] for r in runs] == ["step_000002",
+                                                                                            "step_000001"]
+    with pytest.raises(SystemExit):  # one --out cannot hold two runs' results
+        main(["--select", *map(str, runs), "--dev", "math500", "--out", str(tmp_path / "x")])

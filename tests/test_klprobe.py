@@ -116,3 +116,15 @@ def test_empty_completions_are_skipped_and_mean_covers_any_range(models):
     assert got.mean(0, 2) == pytest.approx(sum(sums[:2]) / 4, abs=1e-5)
     assert got.mean(1, 4) == pytest.approx(sum(sums[1:]) / 3, abs=1e-5)
     assert isinstance(got, PositionKL)
+
+
+def test_probe_set_takes_prompts_no_step_trains_on_while_enough_are_left():
+    from klprobe import ProbeSet
+    prompts = [[i] for i in range(20)]
+    trained = set(range(0, 20, 2))  # the even ones
+    held_out = ProbeSet(prompts, 6, 0, 0, 1, 8, 1, trained=trained)
+    assert len(held_out.mine) == 6 and not set(held_out.mine) & trained
+    topped_up = ProbeSet(prompts, 14, 0, 0, 1, 8, 1, trained=trained)  # only 10 untrained: 4 trained ones added
+    assert set(range(1, 20, 2)) <= set(topped_up.mine) and len(set(topped_up.mine)) == 14
+    ranks = [ProbeSet(prompts, 6, 0, r, 2, 8, 1, trained=trained).mine for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(held_out.mine)  # the ranks split the same set

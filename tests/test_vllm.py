@@ -300,3 +300,41 @@ def test_a_base_student_stops_at_the_end_of_its_turn(tmp_path):
         assert max_logp_error(model, rollouts) < 1e-4
     finally:
         sampler.close()
+
+
+def test_the_real_smollm2_student_samples_scores_and_takes_a_weight_push(tmp_path):
+    """SmolLM2's pruned student (smollm2.py) in vLLM: its rollouts of real chat prompts stop at the end of turn
+    and carry the log-probs transformers computes; after a push of updated weights, train.py's check
+    (push_logp_max_diff) finds the engine on the new weights, not the old."""
+    import smollm2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sample import end_of_turn_id, push_logp_max_diff
+    from score import LogProbs
+    try:
+        smollm2.gguf_path()
+    except smollm2.WheelMissing as e:
+        pytest.skip(str(e))
+    _, student_dir = smollm2.ensure_built(tmp_path / "build")
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    prompts = [build_prompt(tokenizer, "Natalia sold clips to 48 of her friends in April, and then she sold half as "
+                                       "many clips in May. How many clips did she sell altogether?"),
+               build_prompt(tokenizer, "What is 12 times 7?")]
+    sampler = VLLMSampler(student_dir, seed=0, dtype="float32", kv_cache_gb=1, max_model_len=512)
+    try:
+        rollouts = sampler.generate(prompts, n=2, max_new_tokens=48, seed=0)
+        assert all(len(r.completion_ids) == 48 or r.completion_ids[-1] == end_of_turn_id(tokenizer) for r in rollouts)
+        before = max_logp_error(student, rollouts)
+        updated = copy.deepcopy(student)
+        with torch.no_grad():  # stand-in for an optimiser step
+            for p in updated.parameters():
+                p.add_(0.01 * p.abs().mean() * torch.randn_like(p))
+        sampler.push(updated.state_dict())
+        on_new = push_logp_max_diff(sampler, LogProbs(updated), rollouts[0], 512).item()
+        on_old = push_logp_max_diff(sampler, LogProbs(student), rollouts[0], 512).item()
+        print(f"sampler vs transformers before the push {before:.2e}; push_logp_max_diff {on_new:.2e} "
+              f"(against the old weights {on_old:.2e})")
+        assert before < 2e-3 and on_new < 2e-3 and on_old > 10 * on_new
+    finally:
+        sampler.close()
